@@ -1,0 +1,51 @@
+# snapfs: `make demo` and `make test` are the only commands a fresh Debian 12 machine needs.
+# Both install what is missing: Debian packages (as root, via apt-get) and a virtualenv in .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux fio psmisc
+BENCH_PACKAGES := qemu-system-common qemu-utils fio
+
+.PHONY: all deps venv demo test lint bench clean
+
+all: test
+
+# Debian packages the build and the tests need; installed only when missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.stamp
+
+demo: venv
+	$(PY) tools/demo.py
+
+lint: venv
+	$(VENV)/bin/ruff check snapfs tests tools
+
+test: venv
+	$(VENV)/bin/ruff check snapfs tests tools
+	$(VENV)/bin/pytest -q
+
+bench: venv
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(PY) tools/bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,360 @@
+"""``snapfs``: the command-line front end.
+
+``snapfs mount`` runs a mount (mount.py). Every other command is a line written to
+the control file of a running mount and its JSON reply, printed readably (or raw
+with ``--json``); the exit status is 0 on success, 1 with the error on stderr.
+"""
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from . import __version__
+from .errors import SnapfsError
+from .params import Params, parse_size
+from .state import default_state_dir
+
+FSTYPE = "fuse.snapfs"
+
+
+# ----- talking to a mount ------------------------------------------------------------
+
+def snapfs_mounts() -> list[str]:
+    """Mount points of snapfs mounts visible to this process."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == FSTYPE:
+                points.append(left.split()[4].encode().decode("unicode_escape"))
+    return points
+
+
+def find_mount(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    mounts = snapfs_mounts()
+    if len(mounts) == 1:
+        return mounts[0]
+    if not mounts:
+        raise SnapfsError(errno.ENOENT, "no snapfs mount found (start one with 'snapfs mount')")
+    raise SnapfsError(errno.EINVAL, f"several snapfs mounts ({', '.join(mounts)}): use -m MOUNT")
+
+
+def send(mount: str, line: str) -> dict:
+    """Write one command to MOUNT/control, read the JSON reply on the same handle."""
+    path = os.path.join(mount, "control")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+    try:
+        with contextlib.suppress(OSError):   # a failed command: the reply says why
+            os.write(fd, line.encode() + b"\n")
+        data = b""
+        while chunk := os.read(fd, 1 << 20):
+            data += chunk
+    finally:
+        os.close(fd)
+    if not data:
+        raise SnapfsError(errno.EIO, "no reply from the mount")
+    return json.loads(data)
+
+
+def command(mount: str, line: str) -> dict:
+    """``send`` and raise SnapfsError for a failed command."""
+    reply = send(mount, line)
+    if not reply.get("ok"):
+        code = getattr(errno, reply.get("errno", ""), errno.EIO)
+        raise SnapfsError(code, reply.get("error", "failed"))
+    return reply
+
+
+def quote(word: str) -> str:
+    import shlex
+    return shlex.quote(word)
+
+
+# ----- output ----------------------------------------------------------------------
+
+def print_reply(reply: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(reply))
+        return
+    for key, value in reply.items():
+        if key == "ok":
+            continue
+        if isinstance(value, list):
+            for item in value:
+                print(item)
+        elif isinstance(value, dict):
+            print(f"{key}: " + " ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            print(f"{key}={value}")
+
+
+def print_status(status: dict) -> None:
+    print(f"snapfs {status['version']} at {status['mountpoint']} (pid {status['pid']})")
+    print(f"{'DEVICE':16} {'SIZE':>10} {'WRITTEN':>10} {'COW':>7} {'CBT GEN':10} {'NUM':>4}  SNAPSHOT")
+    for name, d in status["devices"].items():
+        cbt = d["cbt"]
+        print(f"{name:16} {human(d['size']):>10} {human(d['bytes_written']):>10} "
+              f"{d['cow_copies']:>7} {cbt['generation_id'][:8]:10} {cbt['changes_number']:>4}  "
+              f"{d['snapshot'] or '-'}")
+    for sid, s in status["snapshots"].items():
+        print(f"\nsnapshot {sid}  {s['state']}  storage {s['storage']}: "
+              f"used {human(s['used'])} of {human(s['size'])}, limit {human(s['limit'])}")
+        for name, a in s["devices"].items():
+            err = a.get("error_code", 0)
+            print(f"  {name:14} {a.get('state', '-'):10} chunk {human(a['chunk_size'])}"
+                  f"  copied {a.get('chunks_copied', 0)}" + (f"  error {err}" if err else ""))
+
+
+def human(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+# ----- commands ----------------------------------------------------------------------
+
+def cmd_mount(args) -> int:
+    from . import mount
+
+    params = Params(
+        chunk_minimum=args.chunk_minimum,
+        chunk_maximum_count_shift=args.chunk_maximum_count_shift,
+        tracking_block_minimum=args.tracking_block_minimum,
+        tracking_block_maximum_count=args.tracking_block_maximum_count,
+        diff_storage_minimum=args.diff_storage_minimum,
+    ).validate()
+    config = mount.MountConfig(args.mountpoint, args.sources, params,
+                               args.state_dir or default_state_dir(), args.allow_other)
+    if args.daemon:
+        return daemonize(config, args)
+    setup_logging(args.log_level, args.log_file)
+    return mount.run(config)
+
+
+def daemonize(config, args) -> int:
+    """Fork; the child mounts and reports readiness (or its error) through a pipe;
+    the parent returns only then."""
+    from . import mount
+
+    mount.check_mountpoint(config.mountpoint)
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode()
+        if message.startswith("ready"):
+            return 0
+        print(f"snapfs: {message.strip() or 'the daemon died before the mount was ready'}",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    log_file = args.log_file or os.path.join(config.state_dir, "snapfs.log")
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    setup_logging(args.log_level, log_file)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready():
+        os.write(write_end, b"ready\n")
+        os.close(write_end)
+
+    try:
+        status = mount.run(config, ready)
+    except SnapfsError as exc:
+        os.write(write_end, str(exc).encode())
+        os._exit(1)
+    except BaseException:
+        logging.getLogger("snapfs").exception("daemon failed")
+        os._exit(1)
+    os._exit(status)
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def cmd_umount(args) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if mountpoint not in snapfs_mounts():
+        raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
+    pid = command(mountpoint, "status").get("pid")
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
+                          f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
+    wait_exit(pid, 60)
+    return 0
+
+
+def wait_exit(pid: int | None, timeout: float) -> None:
+    """Wait for the daemon to finish saving CBT and exit."""
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+
+
+def cmd_status(args) -> int:
+    reply = command(find_mount(args.mount), "status")
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print_status(reply)
+    return 0
+
+
+def cmd_control(args) -> int:
+    """Any control command: the words are sent as one line."""
+    words = [args.command, *args.words]
+    if getattr(args, "nofreeze", False):
+        words.append("nofreeze")
+    reply = command(find_mount(args.mount), " ".join(quote(w) for w in words))
+    print_reply(reply, args.json)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    """Follow snapshots/ID/events until the snapshot is destroyed."""
+    mount = find_mount(args.mount)
+    path = os.path.join(mount, "snapshots", args.id, "events")
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"snapshot {args.id}") from None
+    with f:
+        buf = b""
+        while chunk := f.read(65536):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                print(format_event(json.loads(line)) if not args.json else line.decode(), flush=True)
+    print(f"snapshot {args.id} destroyed", flush=True)
+    return 0
+
+
+def format_event(ev: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["time"] / 1e9))
+    if ev["event"] == "corrupted":
+        return (f"{when} corrupted: image of {ev['device']} is unusable "
+                f"({errno.errorcode.get(ev['error_code'], ev['error_code'])}: "
+                f"{os.strerror(ev['error_code'])})")
+    if ev["event"] == "no_space":
+        return (f"{when} no_space: storage reached its limit "
+                f"({human(ev['requested_bytes'])}); the next chunk that needs a slot corrupts its image")
+    return f"{when} {ev}"
+
+
+CONTROL_COMMANDS = {
+    "version": "print the daemon's version",
+    "attach": "NAME PATH: add a device at run time",
+    "detach": "NAME: remove a device (its CBT history is lost)",
+    "cbtinfo": "NAME: CBT block size, count, generation, changes number",
+    "markdirtyblock": "NAME SECTOR:COUNT...: mark 512-byte sector ranges changed",
+    "snapshot_create": "STORAGE LIMIT [NAME...]: new snapshot, prints its id",
+    "snapshot_add": "ID NAME: add a device before take",
+    "snapshot_take": "ID [--nofreeze]: the point in time",
+    "snapshot_destroy": "ID: remove images, free the storage",
+    "snapshot_collect": "list snapshot ids",
+    "snapshot_info": "NAME: snapshot id, image path and error code of a device",
+    "snapshot_waitevent": "ID TIMEOUT_MS: pop the next event",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"snapfs {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-m", "--mount", help="mount point (default: the only snapfs mount)")
+    common.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)")
+    m.add_argument("mountpoint")
+    m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
+    defaults = Params()
+    m.add_argument("--chunk-minimum", type=_size, default=defaults.chunk_minimum)
+    m.add_argument("--chunk-maximum-count-shift", type=int, default=defaults.chunk_maximum_count_shift)
+    m.add_argument("--tracking-block-minimum", type=_size, default=defaults.tracking_block_minimum)
+    m.add_argument("--tracking-block-maximum-count", type=int,
+                   default=defaults.tracking_block_maximum_count)
+    m.add_argument("--diff-storage-minimum", type=_size, default=defaults.diff_storage_minimum)
+    m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
+    m.add_argument("-o", dest="fuse_options", action="append", default=[],
+                   help="FUSE option; only allow_other is accepted")
+    m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--log-file", help="log here (default: stderr, or STATE_DIR/snapfs.log with --daemon)")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use")
+    s.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy")
+    w.add_argument("id")
+    w.set_defaults(func=cmd_watch)
+
+    for name, text in CONTROL_COMMANDS.items():
+        c = sub.add_parser(name, parents=[common], help=text)
+        c.add_argument("words", nargs="*")
+        if name == "snapshot_take":
+            c.add_argument("--nofreeze", action="store_true",
+                           help="do not freeze filesystems stacked on the devices")
+        c.set_defaults(func=cmd_control, command=name)
+    return p
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SnapfsError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "mount":
+        bad = [o for opt in args.fuse_options for o in opt.split(",") if o != "allow_other"]
+        if bad:
+            print(f"snapfs: unsupported -o option(s): {', '.join(bad)}", file=sys.stderr)
+            return 2
+        args.allow_other = bool(args.fuse_options)
+    try:
+        return args.func(args)
+    except SnapfsError as exc:
+        print(f"snapfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

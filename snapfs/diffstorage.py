@@ -1,0 +1,227 @@
+"""Difference storage: one file per snapshot holding the old contents of copied chunks.
+
+Fields:
+    fd: the open storage file (a named file, an unnamed O_TMPFILE, or a block device).
+    description: what users see ("tmpfile in DIR" or the path).
+    capacity: bytes reserved so far (file size after fallocate).
+    requested: the high-water mark slots may use; grows by ``minimum`` portions up to
+        ``limit``. Invariant: filled <= requested; requested <= max(limit, initial size).
+    filled: bytes handed out. Slots are handed out in order and never freed.
+    overflow: sticky; once a slot could not be had, every later ``alloc`` fails.
+
+Growth (blksnap v2): after an allocation leaves ``requested - filled <= minimum/2``,
+``requested`` grows by min(minimum, limit - requested) at once, and the file is
+extended with fallocate by the ``on_grow`` hook (a worker thread in the mount), so
+writers never wait for it: a slot in [capacity, requested) is written with pwrite,
+which extends the file. When ``requested`` already equals ``limit``, one ``no_space``
+event is posted instead.
+
+Error handling: storage I/O errors surface as OSError to the caller (diffarea.py),
+which marks the device image corrupted; they never reach the original's writer.
+"""
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+from .errors import SnapfsError
+
+log = logging.getLogger(__name__)
+
+
+class DiffStorage:
+    """Slot allocator and I/O on one storage file. Trio thread only, except
+    ``grow_blocking`` (worker thread) and ``open`` (worker thread, before sharing)."""
+
+    def __init__(self, fd: int, description: str, capacity: int, limit: int, minimum: int,
+                 remove_path: str | None = None, growable: bool = True):
+        self.fd = fd
+        self.description = description
+        self.capacity = capacity
+        self.requested = capacity
+        self.limit = limit
+        self.minimum = minimum
+        self.filled = 0
+        self.overflow = False
+        self.remove_path = remove_path
+        self.growable = growable
+        self.closed = False
+        self._low = False           # growth requested or no_space posted for this portion
+        self.on_grow: Callable[[], None] | None = None
+        self.on_no_space: Callable[[int], None] | None = None
+        self.fault: Callable[[str], None] | None = None   # test hook: may raise OSError
+
+    # ----- creation -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, target: str, limit: int, minimum: int,
+             forbidden: Callable[[os.stat_result], str | None]) -> "DiffStorage":
+        """Open or create the storage at ``target`` (blocking; call from a thread).
+
+        ``forbidden(st)`` returns a reason when the storage (or the directory a new file
+        goes into) must not be used: inside the mount, or a device source.
+
+        Raises SnapfsError: EINVAL (bad kind, forbidden), ENOSPC (an existing small file
+        already bigger than ``limit``, or no room for the first portion), ENOENT/EACCES.
+        """
+        fd, desc, remove, growable = cls._open_target(target, forbidden)
+        try:
+            capacity = os.lseek(fd, 0, os.SEEK_END)
+            storage = cls(fd, desc, capacity, limit, minimum, remove, growable)
+            storage._initial_size()
+            return storage
+        except BaseException:
+            os.close(fd)
+            if remove:
+                os.unlink(remove)
+            raise
+
+    @staticmethod
+    def _open_target(target: str, forbidden) -> tuple[int, str, str | None, bool]:
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"storage {target}") from None
+        check = st if st is not None else _stat_parent(target)
+        reason = forbidden(check)
+        if reason:
+            raise SnapfsError(errno.EINVAL, f"storage {target}: {reason}")
+        try:
+            if st is None:
+                fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                return fd, target, target, True
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(target, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+                return fd, f"tmpfile in {target}", None, True
+            if stat.S_ISREG(st.st_mode):
+                return os.open(target, os.O_RDWR | os.O_CLOEXEC), target, None, True
+            if stat.S_ISBLK(st.st_mode):
+                fd = os.open(target, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+                return fd, target, None, False
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"storage {target}") from None
+        raise SnapfsError(errno.EINVAL, f"storage {target}: not a directory, file or block device")
+
+    def _initial_size(self) -> None:
+        """blksnap's rule: a small (<= minimum/2) file gets its first portion now."""
+        if not self.growable or self.capacity > self.minimum // 2:
+            return
+        if self.capacity > self.limit:
+            raise SnapfsError(errno.ENOSPC, f"storage {self.description} is already "
+                              f"{self.capacity} bytes, more than the limit {self.limit}")
+        if self.capacity < self.limit:
+            self.requested = self.capacity + min(self.minimum, self.limit - self.capacity)
+            try:
+                self.grow_blocking(self.requested)
+            except OSError as exc:
+                raise SnapfsError.from_oserror(exc, f"reserving storage {self.description}") from None
+            self.capacity = self.requested
+
+    # ----- slots --------------------------------------------------------------------
+
+    def alloc(self, size: int) -> int:
+        """Hand out the next ``size`` bytes; return their offset.
+
+        Raises SnapfsError(ENOSPC) on overflow (sticky: all later calls fail too).
+        """
+        if self.overflow or self.closed or self.filled + size > self.requested:
+            self.overflow = True
+            raise SnapfsError(errno.ENOSPC, "difference storage overflow")
+        offset = self.filled
+        self.filled += size
+        self._check_low()
+        return offset
+
+    def _check_low(self) -> None:
+        if self._low or self.requested - self.filled > self.minimum // 2:
+            return
+        self._low = True
+        if self.growable and self.requested < self.limit:
+            self.requested += min(self.minimum, self.limit - self.requested)
+            if self.on_grow is not None:
+                self.on_grow()
+            else:
+                self.grow_now()
+        elif self.on_no_space is not None:
+            self.on_no_space(self.requested)
+
+    def grow_now(self) -> None:
+        """Grow inline (no worker available); failures are logged, not raised."""
+        try:
+            self.grow_blocking(self.requested)
+            self.grow_done(self.requested)
+        except OSError as exc:
+            self.grow_failed(exc)
+
+    def grow_blocking(self, target: int) -> None:
+        """Reserve the file up to ``target`` bytes (blocking; any thread)."""
+        if self.fault is not None:
+            self.fault("grow")
+        os.posix_fallocate(self.fd, 0, target)
+
+    def grow_done(self, target: int) -> None:
+        """Growth to ``target`` finished: accept the next low-space trigger."""
+        self.capacity = max(self.capacity, target)
+        self._low = False
+        self._check_low()
+
+    def grow_failed(self, exc: OSError) -> None:
+        """fallocate failed: keep the slots (pwrite may still succeed); a later write
+        failure corrupts the image with its errno."""
+        log.warning("growing storage %s failed: %s", self.description, exc)
+        self._low = False
+
+    # ----- I/O ----------------------------------------------------------------------
+
+    def write(self, offset: int, data) -> None:
+        """Write all of ``data`` at ``offset``; OSError (ENOSPC for a short write)."""
+        if self.fault is not None:
+            self.fault("write")
+        if os.pwrite(self.fd, data, offset) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Read exactly ``size`` bytes at ``offset``; OSError(EIO) if short."""
+        if self.fault is not None:
+            self.fault("read")
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise OSError(errno.EIO, "short read from difference storage")
+        return data
+
+    def close(self) -> None:
+        """Release the storage: close it, remove a file snapfs created. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        os.close(self.fd)
+        if self.remove_path:
+            try:
+                os.unlink(self.remove_path)
+            except OSError as exc:
+                log.warning("removing storage %s: %s", self.remove_path, exc)
+
+    def statistics(self) -> dict:
+        return {
+            "storage": self.description,
+            "size": self.capacity,
+            "requested": self.requested,
+            "used": self.filled,
+            "limit": self.limit,
+            "overflow": self.overflow,
+        }
+
+
+def _stat_parent(path: str) -> os.stat_result:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"storage directory {parent}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SnapfsError(errno.ENOENT, f"storage directory {parent} is not a directory")
+    return st

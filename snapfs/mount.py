@@ -1,0 +1,180 @@
+"""Lifecycle: check, build, mount, serve, stop cleanly, persist CBT.
+
+``run`` is the whole life of a mount:
+    check arguments -> open sources (restoring CBT) -> pyfuse3.init (mount) ->
+    trio.run(serve) -> on a clean end (umount, SIGINT, SIGTERM): fsync sources, save
+    CBT, unmount. On a crash the mount is *not* unmounted (a vanishing mountpoint
+    looks empty to a running rsync) and no CBT is saved, so the next mount starts new
+    generations: CBT never claims to be complete when it might not be.
+"""
+
+import errno
+import logging
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .control import Controller, check_name
+from .errors import SnapfsError
+from .fs import Operations
+from .params import Params
+from .state import StateStore
+from .tracker import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    sources: list[str]
+    params: Params = field(default_factory=Params)
+    state_dir: str = ""
+    allow_other: bool = False
+
+
+def parse_sources(specs: list[str]) -> list[tuple[str, str]]:
+    """``[NAME=]SOURCE`` -> (name, path); the default name is the file's base name."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(spec.rstrip("/")), spec
+        pairs.append((check_name(name), path))
+    names = [n for n, _ in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SnapfsError(errno.EINVAL, f"device name used twice: {', '.join(dupes)}")
+    return pairs
+
+
+def check_mountpoint(path: str) -> str:
+    """The mountpoint must be an existing, empty directory that is not a mount."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise SnapfsError(errno.ENOTDIR, f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise SnapfsError(errno.EBUSY, f"mountpoint {path} is already a mount")
+    if os.listdir(path):
+        raise SnapfsError(errno.ENOTEMPTY, f"mountpoint {path} is not empty")
+    return path
+
+
+def check_source(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"source {path}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SnapfsError(errno.EINVAL, f"source {path} is not a regular file or block device")
+
+
+def build(config: MountConfig) -> tuple[Controller, StateStore]:
+    """Open every source and restore its CBT. Raises SnapfsError, closing what it
+    opened."""
+    mountpoint = check_mountpoint(config.mountpoint)
+    pairs = parse_sources(config.sources)
+    for _, path in pairs:
+        check_source(path)
+    controller = Controller(config.params, mountpoint)
+    state = StateStore(config.state_dir, config.params)
+    controller.restore_cbt = state.load
+    try:
+        for name, path in pairs:
+            source = Source.open(path)
+            try:
+                controller.add_device(name, source)
+            except BaseException:
+                source.close()
+                raise
+    except BaseException:
+        close_sources(controller)
+        raise
+    return controller, state
+
+
+def close_sources(controller: Controller) -> None:
+    for tracker in controller.devices.values():
+        tracker.source.close()
+
+
+def mount_dev(mountpoint: str) -> int | None:
+    """st_dev of the FUSE mount at ``mountpoint`` (from mountinfo: never stat our own
+    mount from the thread that serves it)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                major, minor = fields[2].split(":")
+                return os.makedev(int(major), int(minor))
+    return None
+
+
+def run(config: MountConfig, ready=None) -> int:
+    """Mount and serve until unmounted or signalled. ``ready()`` is called once the
+    mount answers requests. Returns the exit status."""
+    controller, state = build(config)
+    ops = Operations(controller, os.getuid(), os.getgid())
+    options = set(pyfuse3.default_options) | {"fsname=snapfs", "subtype=snapfs"}
+    if config.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, controller.mountpoint, options)
+    except RuntimeError as exc:
+        close_sources(controller)
+        raise SnapfsError(errno.EIO, f"mounting {controller.mountpoint} failed: {exc}") from None
+    state.consume()
+    controller.mount_dev = mount_dev(controller.mountpoint)
+    try:
+        trio.run(serve, controller, ready)
+    except BaseException:
+        log.critical("snapfs crashed; leaving %s mounted (fusermount3 -u -z to clear)",
+                     controller.mountpoint)
+        pyfuse3.close(unmount=False)
+        raise
+    stop_cleanly(controller, state)
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", controller.mountpoint)
+    return 0
+
+
+async def serve(controller: Controller, ready) -> None:
+    async with trio.open_nursery() as nursery:
+        controller.nursery = nursery
+        nursery.start_soon(_stop_on_signals)
+        if ready is not None:
+            nursery.start_soon(_call_ready, ready)
+        log.info("serving %s with %d devices", controller.mountpoint, len(controller.devices))
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _call_ready(ready) -> None:
+    ready()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def stop_cleanly(controller: Controller, state: StateStore) -> None:
+    """Destroy snapshots, fsync sources, persist CBT. A device whose fsync or save
+    fails gets no state file (new generation next time)."""
+    for snap in list(controller.snapshots.values()):
+        snap.destroy().close()
+    controller.snapshots.clear()
+    for tracker in controller.devices.values():
+        try:
+            tracker.source.fsync()
+            state.save(tracker.source, tracker.cbt)
+        except OSError as exc:
+            log.error("saving CBT of %s failed: %s (next mount: new generation)", tracker.name, exc)
+        tracker.source.close()

@@ -1,0 +1,81 @@
+"""Tunables (blksnap module parameters, same defaults), size parsing, and the
+computation of chunk and tracking-block sizes from a device's capacity."""
+
+import errno
+import re
+from dataclasses import dataclass
+
+from .errors import SnapfsError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+CHUNK_MAXIMUM = 64 * MiB
+TRACKING_BLOCK_MAXIMUM = 64 * MiB
+PAGE = 4096
+SECTOR = 512
+
+_SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"256K"``, ``"1G"``, ``"4096"`` (binary units) into bytes.
+
+    Raises SnapfsError(EINVAL) for anything else, including zero-size overflow tricks.
+    """
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise SnapfsError(errno.EINVAL, f"bad size {text!r}: use a number with K, M, G or T")
+    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class Params:
+    """Mount-wide tunables (DESIGN.md section 6). All sizes in bytes."""
+
+    chunk_minimum: int = 256 * KiB
+    chunk_maximum_count_shift: int = 40
+    tracking_block_minimum: int = 64 * KiB
+    tracking_block_maximum_count: int = 2_097_152
+    diff_storage_minimum: int = 1 * GiB
+
+    def validate(self) -> "Params":
+        """Check ranges; raise SnapfsError(EINVAL) naming the bad tunable."""
+        if not (_is_power_of_two(self.chunk_minimum) and PAGE <= self.chunk_minimum <= CHUNK_MAXIMUM):
+            raise SnapfsError(errno.EINVAL, "chunk minimum must be a power of two from 4K to 64M")
+        if not 1 <= self.chunk_maximum_count_shift <= 63:
+            raise SnapfsError(errno.EINVAL, "chunk maximum count shift must be 1..63")
+        tbm = self.tracking_block_minimum
+        if not (_is_power_of_two(tbm) and PAGE <= tbm <= TRACKING_BLOCK_MAXIMUM):
+            raise SnapfsError(errno.EINVAL, "tracking block minimum must be a power of two from 4K to 64M")
+        if self.tracking_block_maximum_count < 1:
+            raise SnapfsError(errno.EINVAL, "tracking block maximum count must be positive")
+        if self.diff_storage_minimum < 2 * self.chunk_minimum:
+            raise SnapfsError(errno.EINVAL, "diff storage minimum must hold at least two chunks")
+        return self
+
+
+def chunk_size(capacity: int, params: Params) -> int:
+    """COW chunk size of a device: start at the minimum, double while the chunk count
+    exceeds 2**chunk_maximum_count_shift, capped at 64 MiB."""
+    size = params.chunk_minimum
+    limit = 1 << params.chunk_maximum_count_shift
+    while -(-capacity // size) > limit and size < CHUNK_MAXIMUM:
+        size *= 2
+    return size
+
+
+def tracking_block_size(capacity: int, params: Params) -> int:
+    """CBT block size: start at the minimum, double while the block count exceeds the
+    maximum count, capped at 64 MiB (the count may then exceed the maximum)."""
+    size = params.tracking_block_minimum
+    while -(-capacity // size) > params.tracking_block_maximum_count and size < TRACKING_BLOCK_MAXIMUM:
+        size *= 2
+    return size

@@ -1,0 +1,173 @@
+"""A snapshot: its devices, its difference storage and events; create/add/take/destroy.
+
+Lifecycle: created (devices may be added) -> taken (images exist, COW on) ->
+destroyed (images gone, COW off, storage freed; tracking goes on).
+
+Take (DESIGN.md section 5), in ``take``:
+    1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
+       serving the flush);
+    2. close every member's write gate and wait for admitted writes;
+    3. fsync the sources (worker thread);
+    4. ``switch``: one synchronous step, no await: build every diff area, switch every
+       CBT, enable COW;
+    5. open the gates; thaw (always, even on failure).
+Writes wait only during 2-4. A failure before 4 changes nothing; 4 builds everything
+that can fail (the areas) before it commits anything.
+"""
+
+import errno
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import trio
+
+from . import freeze
+from .diffarea import DiffArea
+from .diffstorage import DiffStorage
+from .errors import SnapfsError
+from .events import EventLog
+from .params import Params, chunk_size
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Snapshot:
+    def __init__(self, storage: DiffStorage, params: Params):
+        self.id = str(uuid.uuid4())
+        self.storage = storage
+        self.params = params
+        self.events = EventLog()
+        self.trackers: dict[str, Tracker] = {}
+        self.areas: dict[str, DiffArea] = {}
+        self.taken = False
+        self.destroyed = False
+        self.created_ns = time.time_ns()
+        self.taken_ns = 0
+        self.last_take_block_ns = 0
+        self.taking = False
+        storage.on_no_space = self._no_space
+
+    def _no_space(self, requested: int) -> None:
+        self.events.post("no_space", requested_bytes=requested)
+
+    @property
+    def state(self) -> str:
+        if not self.taken:
+            return "created"
+        return "corrupted" if any(a.error for a in self.areas.values()) else "taken"
+
+    def add(self, tracker: Tracker) -> None:
+        """Add a device before take. EALREADY in it; EBUSY in another or taken."""
+        if tracker.name in self.trackers:
+            raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {self.id}")
+        if tracker.snapshot_id is not None:
+            raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
+        if self.taken:
+            raise SnapfsError(errno.EBUSY, f"snapshot {self.id} is taken; add devices before take")
+        self.trackers[tracker.name] = tracker
+        tracker.snapshot_id = self.id
+
+    def switch(self) -> None:
+        """Take step 4: the point in time. Synchronous, no await: atomic under trio."""
+        areas = {
+            name: DiffArea(name, t.source, t.capacity, chunk_size(t.capacity, self.params),
+                           self.storage, self.events)
+            for name, t in self.trackers.items()
+        }
+        for name, t in self.trackers.items():
+            t.cbt.switch()
+            t.area = areas[name]
+        self.areas = areas
+        self.taken = True
+        self.taken_ns = time.time_ns()
+
+    def destroy(self) -> DiffStorage:
+        """Remove images, stop COW. Returns the storage for the caller to close (in a
+        thread: closing a large tmpfile can take a while). Synchronous."""
+        for t in self.trackers.values():
+            t.area = None
+            t.snapshot_id = None
+        for area in self.areas.values():
+            area.close()
+        self.destroyed = True
+        self.events.close()
+        return self.storage
+
+    def error_code(self, name: str) -> int:
+        area = self.areas.get(name)
+        return -area.error if area and area.error else 0
+
+    def info(self) -> dict:
+        devices = {}
+        for name, t in self.trackers.items():
+            area = self.areas.get(name)
+            devices[name] = area.statistics() if area else {
+                "chunk_size": chunk_size(t.capacity, self.params), "state": "created"}
+            devices[name]["size"] = t.capacity
+        return {
+            "id": self.id,
+            "state": self.state,
+            "created_ns": self.created_ns,
+            "taken_ns": self.taken_ns,
+            "take_write_block_ms": round(self.last_take_block_ns / 1e6, 3),
+            "devices": devices,
+            "events": len(self.events.events),
+        } | self.storage.statistics()
+
+
+async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
+               nofreeze: bool = False) -> None:
+    """Take ``snap`` (module docstring). ``device_files`` returns the (st_dev, st_ino)
+    of the member device files, for finding stacked filesystems (called in a thread).
+
+    Raises SnapfsError: EALREADY taken, ENODEV no devices, or the errno of a failed
+    fsync; nothing is changed then.
+    """
+    if snap.taken:
+        raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} is already taken")
+    if not snap.trackers:
+        raise SnapfsError(errno.ENODEV, f"snapshot {snap.id} has no devices")
+    trackers = list(snap.trackers.values())
+    frozen: list = []
+    try:
+        if not nofreeze:
+            frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
+        if snap.destroyed or snap.taken:
+            raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} changed during take")
+        await _switch_with_writes_held(snap, trackers)
+    finally:
+        if frozen:
+            await trio.to_thread.run_sync(freeze.thaw, frozen)
+
+
+def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> list:
+    mounts = freeze.stacked_mounts(device_files())
+    return freeze.freeze(mounts) if mounts else []
+
+
+async def _switch_with_writes_held(snap: Snapshot, trackers: list[Tracker]) -> None:
+    t0 = time.perf_counter_ns()
+    for t in trackers:
+        t.gate.close()
+    try:
+        for t in trackers:
+            await t.gate.wait_drained()
+        await trio.to_thread.run_sync(_fsync_all, trackers)
+        if snap.destroyed:
+            raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
+        snap.switch()
+    finally:
+        for t in trackers:
+            t.gate.open()
+        snap.last_take_block_ns = time.perf_counter_ns() - t0
+
+
+def _fsync_all(trackers: list[Tracker]) -> None:
+    for t in trackers:
+        try:
+            t.source.fsync()
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"fsync of {t.source.path}") from None

@@ -1,0 +1,155 @@
+"""The on-disk state format: persisted CBT, defined and commented in this one place.
+
+Layout::
+
+    STATE_DIR/cbt/<key>.cbt      key = sha256 of the source's real path, 32 hex digits
+
+One file per device source, written only at a clean stop, atomically (write to a
+temporary file, fsync, rename, fsync the directory). Contents::
+
+    line 1   JSON header, UTF-8, ending in "\\n":
+             format        "snapfs-cbt"        (anything else: ignored)
+             version       1
+             source        {path, dev, ino, size, mtime_ns, kind}: the source's
+                           identity at the stop (tracker.Identity)
+             block_size    tracking block size in bytes
+             block_count   number of blocks = bytes in each map
+             generation_id UUID string
+             changes_number, active   0..255, 1..255 (cbt.py)
+             sha256        hex digest of the two maps that follow
+    then     write_map     block_count bytes
+    then     read_map      block_count bytes
+
+Clean-stop rule: a file is consumed (removed) as soon as the mount that loaded it is
+running. So a file exists only if the last mount of that source stopped cleanly;
+after a crash there is none and the device starts a new generation. A file whose
+source identity (path, inode, size, mtime; for block devices path, rdev and size),
+block size, digest or header does not match is ignored with a warning: never trust
+a CBT that could hide a write.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+
+from .cbt import CBT
+from .params import Params, tracking_block_size
+from .tracker import Identity, Source
+
+log = logging.getLogger(__name__)
+
+FORMAT = "snapfs-cbt"
+VERSION = 1
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/snapfs"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "snapfs")
+
+
+class StateStore:
+    """Loads CBT at mount, consumes the files once running, saves at clean stop."""
+
+    def __init__(self, state_dir: str, params: Params):
+        self.dir = os.path.join(state_dir, "cbt")
+        self.params = params
+        self._loaded: list[str] = []
+
+    def path_for(self, source: Source) -> str:
+        key = hashlib.sha256(source.path.encode()).hexdigest()[:32]
+        return os.path.join(self.dir, key + ".cbt")
+
+    def load(self, source: Source) -> CBT | None:
+        """The persisted CBT of ``source`` if it is trustworthy, else None (new
+        generation). Never raises for bad files: they are logged and ignored."""
+        path = self.path_for(source)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            log.info("no saved CBT for %s (first mount or unclean stop): new generation",
+                     source.path)
+            return None
+        except OSError as exc:
+            log.warning("cannot read CBT state %s: %s", path, exc)
+            return None
+        self._loaded.append(path)
+        try:
+            return self._decode(data, source)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring CBT state %s for %s: %s; new generation", path, source.path, exc)
+            return None
+
+    def _decode(self, data: bytes, source: Source) -> CBT:
+        header_end = data.index(b"\n")
+        h = json.loads(data[:header_end])
+        if h.get("format") != FORMAT or h.get("version") != VERSION:
+            raise ValueError("unknown format")
+        if not _same_identity(h["source"], source.identity()):
+            raise ValueError("source changed since the clean stop")
+        count, block_size = int(h["block_count"]), int(h["block_size"])
+        maps = data[header_end + 1 :]
+        if len(maps) != 2 * count or hashlib.sha256(maps).hexdigest() != h["sha256"]:
+            raise ValueError("truncated or corrupted maps")
+        if block_size != tracking_block_size(source.size, self.params):
+            raise ValueError("tracking block size changed")
+        cbt = CBT(source.size, block_size)
+        if cbt.block_count != count:
+            raise ValueError("block count mismatch")
+        active, number = int(h["active"]), int(h["changes_number"])
+        if not (1 <= active <= 255 and 0 <= number < active):
+            raise ValueError("bad numbers")
+        cbt.write_map[:] = maps[:count]
+        cbt.read_map[:] = maps[count:]
+        cbt.generation_id, cbt.active, cbt.changes_number = str(h["generation_id"]), active, number
+        log.info("restored CBT of %s: generation %s, changes_number %d",
+                 source.path, cbt.generation_id, number)
+        return cbt
+
+    def consume(self) -> None:
+        """Called once the mount runs: from now on only a clean stop leaves state."""
+        for path in self._loaded:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove consumed CBT state %s: %s", path, exc)
+        self._loaded.clear()
+
+    def save(self, source: Source, cbt: CBT) -> None:
+        """Write the CBT of ``source`` atomically (after the source was fsynced)."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        maps = bytes(cbt.write_map) + bytes(cbt.read_map)
+        header = {
+            "format": FORMAT, "version": VERSION,
+            "source": asdict(source.identity()),
+            "block_size": cbt.block_size, "block_count": cbt.block_count,
+            "generation_id": cbt.generation_id,
+            "changes_number": cbt.changes_number, "active": cbt.active,
+            "sha256": hashlib.sha256(maps).hexdigest(),
+        }
+        path = self.path_for(source)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n" + maps)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _same_identity(saved: dict, now: Identity) -> bool:
+    if saved.get("kind") != now.kind or saved.get("path") != now.path:
+        return False
+    if saved.get("size") != now.size:
+        return False
+    if now.kind == "bdev":
+        return True   # a block device has no trustworthy mtime; see README limits
+    return (saved.get("dev"), saved.get("ino"), saved.get("mtime_ns")) == (now.dev, now.ino, now.mtime_ns)

@@ -1,0 +1,246 @@
+"""Per device: the source, its CBT, the write path and the write gate.
+
+Write path (``write``), one atomic step on the trio thread once admitted by the gate:
+    1. clip to the device size (sizes are fixed);
+    2. mark the CBT write map (before COW, so even a failed copy is tracked);
+    3. if a snapshot is taken: copy every untouched chunk first (diffarea.cow), which
+       never fails the write;
+    4. pwrite to the source.
+Errors of step 4 are real device errors and reach the writer as-is.
+
+The gate implements take's "stop admitting writes, wait for in-flight ones"
+(DESIGN.md section 5 step 2). It is the only trio-aware part of the core.
+"""
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from .cbt import CBT
+from .diffarea import DiffArea
+from .errors import SnapfsError
+from .params import Params, tracking_block_size
+
+log = logging.getLogger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What identifies a source across restarts (state.py compares these)."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    kind: str   # "file" or "bdev"
+
+
+class Source:
+    """An open device source (regular file or block device) with a fixed size."""
+
+    def __init__(self, path: str, fd: int, size: int, st: os.stat_result, kind: str):
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.st = st
+        self.kind = kind
+
+    @classmethod
+    def open(cls, path: str) -> "Source":
+        """Open ``path`` read/write (blocking; call from a thread or before the loop).
+
+        Raises SnapfsError: ENOENT/EACCES from the OS; EINVAL not a regular file or
+        block device, or empty. Block devices are opened O_EXCL so nothing can mount
+        them behind the tracker's back.
+        """
+        path = os.path.realpath(path)
+        try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode):
+                kind, flags = "file", 0
+            elif stat.S_ISBLK(st.st_mode):
+                kind, flags = "bdev", os.O_EXCL
+            else:
+                raise SnapfsError(errno.EINVAL, f"{path} is not a regular file or block device")
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size == 0:
+            os.close(fd)
+            raise SnapfsError(errno.EINVAL, f"{path} is empty")
+        return cls(path, fd, size, st, kind)
+
+    def identity(self) -> Identity:
+        st = os.fstat(self.fd)
+        return Identity(self.path, st.st_dev, st.st_ino, self.size, st.st_mtime_ns, self.kind)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise OSError(errno.EIO, f"short read from {self.path}")
+        return data
+
+    def pwrite(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate a range (reads return zeros afterwards)."""
+        if self.kind == "file":
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        else:
+            self.pwrite(offset, bytes(length))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class WriteGate:
+    """Admission of device writes. ``close`` stops new writes, ``wait_drained`` waits
+    for admitted ones, ``open`` lets waiters through. Trio thread only."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._reopened = trio.Event()
+        self._in_flight = 0
+        self._drained: trio.Event | None = None
+
+    async def enter(self) -> None:
+        """Wait while closed; no checkpoint when open (the caller's write that follows
+        is then atomic with the admission)."""
+        while self._closed:
+            await self._reopened.wait()
+        self._in_flight += 1
+
+    def exit(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._drained is not None:
+            self._drained.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._reopened = trio.Event()
+
+    async def wait_drained(self) -> None:
+        while self._in_flight:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    def open(self) -> None:
+        self._closed = False
+        self._reopened.set()
+
+
+class Tracker:
+    """One attached device: source, CBT, write gate, and the diff area while a
+    snapshot of it is taken."""
+
+    def __init__(self, name: str, source: Source, params: Params, cbt: CBT | None = None):
+        self.name = name
+        self.source = source
+        self.capacity = source.size
+        self.cbt = cbt or CBT(source.size, tracking_block_size(source.size, params))
+        self.area: DiffArea | None = None
+        self.snapshot_id: str | None = None
+        self.gate = WriteGate()
+        self.open_handles = 0
+        self.bytes_written = 0
+        self.detached = False
+
+    def _clip(self, offset: int, length: int) -> int:
+        if offset < 0:
+            raise SnapfsError(errno.EINVAL, "negative offset")
+        if length and offset >= self.capacity:
+            raise SnapfsError(errno.ENOSPC, f"write past the end of device {self.name}")
+        return min(length, self.capacity - offset)
+
+    async def write(self, offset: int, data) -> int:
+        """Device write (see module docstring). Returns the bytes written."""
+        await self.gate.enter()
+        try:
+            return self.write_now(offset, data)
+        finally:
+            self.gate.exit()
+
+    def write_now(self, offset: int, data) -> int:
+        """The synchronous part of the write path; call only when admitted."""
+        n = self._clip(offset, len(data))
+        self.cbt.mark(offset, n)
+        if self.area is not None:
+            self.area.cow(offset, n)
+        try:
+            self.source.pwrite(offset, memoryview(data)[:n])
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
+        self.bytes_written += n
+        return n
+
+    async def discard(self, offset: int, length: int) -> None:
+        """DISCARD / punch-hole counts as a write: CBT mark and COW, then deallocate."""
+        await self.gate.enter()
+        try:
+            n = self._clip(offset, length)
+            self.cbt.mark(offset, n)
+            if self.area is not None:
+                self.area.cow(offset, n)
+            try:
+                self.source.punch(offset, n)
+            except OSError as exc:
+                raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
+        finally:
+            self.gate.exit()
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Device read (no snapshot involvement)."""
+        size = max(0, min(size, self.capacity - offset))
+        try:
+            return self.source.pread(offset, size) if size else b""
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
+
+    def image_write(self, area: DiffArea, offset: int, data) -> int:
+        """Snapshot-image write to ``area`` (the one the handle was opened on): marks
+        both CBT maps; the data goes only to the difference storage."""
+        area.check_usable()
+        n = self._clip(offset, len(data))
+        self.cbt.mark_both(offset, n)
+        area.write(offset, memoryview(data)[:n])
+        return n
+
+    def statistics(self) -> dict:
+        cbt = self.cbt
+        return {
+            "path": self.source.path,
+            "kind": self.source.kind,
+            "size": self.capacity,
+            "bytes_written": self.bytes_written,
+            "open_handles": self.open_handles,
+            "snapshot": self.snapshot_id,
+            "cow_copies": self.area.cow_copies if self.area else 0,
+            "cbt": cbt.info() | {"active": cbt.active},
+        }

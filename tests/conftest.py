@@ -1,0 +1,207 @@
+"""Fixtures for real-mount tests: a snapfs daemon in a subprocess per test.
+
+The filesystem runs in another process, so the tests may use blocking calls and
+threads freely. Every mount is torn down in ``finally`` (lazy unmount, kill) even when
+the test fails, and its log must be free of internal errors.
+"""
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from snapfs.cli import send
+
+FUSERMOUNT = shutil.which("fusermount3")
+
+
+def fuse_works() -> str | None:
+    if not FUSERMOUNT:
+        return "fusermount3 not installed"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse missing"
+    if os.geteuid() != 0:
+        return "real-mount tests need root (loop devices, freeze, uid switching)"
+    return None
+
+
+requires_fuse = pytest.mark.skipif(fuse_works() is not None, reason=fuse_works() or "")
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+class SnapMount:
+    """A running ``snapfs mount`` in a subprocess."""
+
+    def __init__(self, tmp: Path, sources: dict[str, str], options: list[str] | None = None,
+                 state_dir: Path | None = None):
+        self.tmp = tmp
+        self.path = str(tmp / "mnt")
+        self.sources = sources
+        self.options = options if options is not None else [
+            "--chunk-minimum", "64K", "--diff-storage-minimum", "8M"]
+        self.state_dir = str(state_dir or tmp / "state")
+        self.log = str(tmp / "snapfs.log")
+        self.proc: subprocess.Popen | None = None
+        os.makedirs(self.path, exist_ok=True)
+
+    def start(self) -> "SnapMount":
+        cmd = [sys.executable, "-m", "snapfs", "mount", "--log-file", self.log, "--log-level", "debug",
+               "--state-dir", self.state_dir, "-o", "allow_other", *self.options, self.path,
+               *[f"{name}={path}" for name, path in self.sources.items()]]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"snapfs exited with {self.proc.returncode}:\n{self.read_log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("snapfs did not mount within 15 s")
+            time.sleep(0.02)
+        # the mount exists once init returns; wait until the loop answers
+        while True:
+            try:
+                os.stat(os.path.join(self.path, "status"))
+                break
+            except OSError:
+                time.sleep(0.02)
+        return self
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def dev(self, name: str) -> str:
+        return self.p("devices", name)
+
+    def image(self, snap_id: str, name: str) -> str:
+        return self.p("snapshots", snap_id, name)
+
+    def ctl(self, line: str) -> dict:
+        return send(self.path, line)
+
+    def ok(self, line: str) -> dict:
+        reply = self.ctl(line)
+        assert reply["ok"], reply
+        return reply
+
+    def err(self, line: str) -> str:
+        """Run a command that must fail; return its errno name (checks the write
+        itself failed with that errno, not only the reply)."""
+        fd = os.open(self.p("control"), os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as info:
+                os.write(fd, line.encode() + b"\n")
+            reply = _read_all(fd)
+        finally:
+            os.close(fd)
+        import json
+        reply = json.loads(reply)
+        assert reply["ok"] is False and reply["error"], reply
+        assert errno.errorcode[info.value.errno] == reply["errno"], (info.value, reply)
+        return reply["errno"]
+
+    def snapshot(self, storage: str, limit: str, *names: str, take: bool = True,
+                 nofreeze: bool = True) -> str:
+        snap_id = self.ok(f"snapshot_create {storage} {limit} {' '.join(names)}")["id"]
+        if take:
+            self.ok(f"snapshot_take {snap_id}" + (" nofreeze" if nofreeze else ""))
+        return snap_id
+
+    def read_log(self) -> str:
+        try:
+            return Path(self.log).read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Clean unmount; the daemon must exit 0 and its log must be clean."""
+        subprocess.run([FUSERMOUNT, "-u", self.path], check=True)
+        assert self.proc is not None
+        self.proc.wait(timeout=30)
+        assert self.proc.returncode == 0, self.read_log()
+        self.check_log()
+
+    def check_log(self) -> None:
+        text = self.read_log()
+        for bad in ("Traceback", "internal error", "CRITICAL"):
+            assert bad not in text, text[-4000:]
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if is_mounted(self.path):
+            subprocess.run([FUSERMOUNT, "-u", "-z", self.path], check=False)
+
+    def cleanup(self) -> None:
+        """Failure path: never leave a mount or a process behind."""
+        if is_mounted(self.path):
+            subprocess.run([FUSERMOUNT, "-u", "-z", self.path], check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def make_device(path: Path, size: int, seed: int = 0) -> bytes:
+    """A device file of ``size`` random bytes (deterministic per seed)."""
+    import random
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def mounter(tmp_path):
+    """Factory: ``mounter({"d0": path}, options=[...])`` -> started SnapMount.
+    Stops every mount cleanly at the end of a passing test; cleans up always."""
+    mounts: list[SnapMount] = []
+
+    def start(sources, options=None, state_dir=None, sub="m") -> SnapMount:
+        base = tmp_path / f"{sub}{len(mounts)}"
+        base.mkdir()
+        m = SnapMount(base, sources, options, state_dir).start()
+        mounts.append(m)
+        return m
+
+    try:
+        yield start
+        for m in mounts:
+            if m.proc is not None and m.proc.poll() is None and is_mounted(m.path):
+                m.stop()
+    finally:
+        for m in mounts:
+            with contextlib.suppress(Exception):
+                m.cleanup()
+
+
+@pytest.fixture
+def device(tmp_path):
+    """One 8 MiB random device file; returns (path, content)."""
+    path = tmp_path / "disk0.img"
+    return str(path), make_device(path, 8 * 1024 * 1024 + 4096 + 512, seed=1)
+
+
+@pytest.fixture
+def storage_dir(tmp_path):
+    d = tmp_path / "store"
+    d.mkdir()
+    return str(d)
