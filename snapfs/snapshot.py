@@ -119,12 +119,12 @@ class Snapshot:
 
 
 async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
-               nofreeze: bool = False) -> None:
+               nofreeze: bool = False) -> list[str]:
     """Take ``snap`` (module docstring). ``device_files`` returns the (st_dev, st_ino)
     of the member device files, for finding stacked filesystems (called in a thread).
 
-    Raises SnapfsError: EALREADY taken, ENODEV no devices, or the errno of a failed
-    fsync; nothing is changed then.
+    Returns the mount points that were frozen. Raises SnapfsError: EALREADY taken,
+    ENODEV no devices, or the errno of a failed fsync; nothing is changed then.
     """
     if snap.taken:
         raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} is already taken")
@@ -138,6 +138,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
         if snap.destroyed or snap.taken:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} changed during take")
         await _switch_with_writes_held(snap, trackers)
+        return [mp for mp, _ in frozen]
     finally:
         if frozen:
             await trio.to_thread.run_sync(freeze.thaw, frozen)

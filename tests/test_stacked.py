@@ -1,0 +1,125 @@
+"""Real stacks: ext4 on a loop device over devices/NAME (freeze at take), and a loop
+block device as a source."""
+
+import hashlib
+import os
+import random
+import subprocess
+import threading
+import time
+
+from conftest import make_device, requires_fuse
+
+pytestmark = requires_fuse
+
+MiB = 1024 * 1024
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def md5(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def write_files(directory: str, prefix: str, count: int, seed: int) -> dict[str, str]:
+    rnd = random.Random(seed)
+    sums = {}
+    for i in range(count):
+        path = os.path.join(directory, f"{prefix}{i}")
+        data = rnd.randbytes(rnd.randrange(1, 600_000))
+        with open(path, "wb") as f:
+            f.write(data)
+        sums[f"{prefix}{i}"] = hashlib.md5(data).hexdigest()
+    return sums
+
+
+class FileWriter(threading.Thread):
+    """Keeps creating files in a directory until stopped (the running workload)."""
+
+    def __init__(self, directory: str):
+        super().__init__(daemon=True)
+        self.directory, self.stopping, self.count, self.error = directory, threading.Event(), 0, None
+
+    def run(self):
+        try:
+            while not self.stopping.is_set():
+                write_files(self.directory, f"during{self.count}_", 1, self.count)
+                self.count += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self):
+        self.stopping.set()
+        self.join(60)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+def test_ext4_on_loop_over_device_file(mounter, tmp_path, storage_dir):
+    src = tmp_path / "fs.img"
+    with open(src, "wb") as f:
+        f.truncate(96 * MiB)
+    m = mounter({"fs": str(src)})
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", m.dev("fs"))   # through snapfs
+    fsmnt, imgmnt = tmp_path / "fsmnt", tmp_path / "imgmnt"
+    fsmnt.mkdir()
+    imgmnt.mkdir()
+    loop = run("losetup", "--find", "--show", m.dev("fs"))
+    mounted = []
+    try:
+        run("mount", loop, str(fsmnt))
+        mounted.append(str(fsmnt))
+        before = write_files(str(fsmnt), "before", 20, seed=1)
+        writer = FileWriter(str(fsmnt))
+        writer.start()
+        time.sleep(0.5)
+        snap = m.ok(f"snapshot_create {storage_dir} 256M fs")["id"]
+        reply = m.ok(f"snapshot_take {snap}")                  # with freeze
+        assert reply["frozen"] == [str(fsmnt)], reply
+        after = write_files(str(fsmnt), "after", 10, seed=2)
+        writer.stop()
+        assert writer.count > 0
+
+        copy = tmp_path / "image.copy"
+        run("cp", m.image(snap, "fs"), str(copy))
+        fsck = subprocess.run(["e2fsck", "-fn", str(copy)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        run("mount", "-o", "loop,ro", str(copy), str(imgmnt))
+        mounted.append(str(imgmnt))
+        names = set(os.listdir(imgmnt))
+        for name, digest in before.items():
+            assert md5(imgmnt / name) == digest, name
+        assert not names & set(after), "files written after take are in the image"
+        for name, digest in after.items():
+            assert md5(fsmnt / name) == digest
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", path], check=False)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_loop_block_device_as_source(mounter, tmp_path, storage_dir):
+    backing = tmp_path / "backing.img"
+    initial = make_device(backing, 16 * MiB, seed=11)
+    loop = run("losetup", "--find", "--show", str(backing))
+    try:
+        m = mounter({"blk": loop})
+        status = m.ok("status")
+        assert status["devices"]["blk"]["kind"] == "bdev"
+        assert os.path.getsize(m.dev("blk")) == len(initial)
+        snap = m.snapshot(storage_dir, "64M", "blk")
+        fd = os.open(m.dev("blk"), os.O_WRONLY)
+        os.pwrite(fd, b"\xab" * 3 * MiB, 5 * MiB + 333)
+        os.fsync(fd)
+        os.close(fd)
+        with open(m.image(snap, "blk"), "rb") as f:
+            assert f.read() == initial
+        with open(loop, "rb") as f:
+            data = f.read()
+        assert data[5 * MiB + 333 : 8 * MiB + 333] == b"\xab" * 3 * MiB
+        m.ok(f"snapshot_destroy {snap}")
+        m.stop()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
