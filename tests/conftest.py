@@ -122,8 +122,12 @@ class SnapMount:
             return ""
 
     def stop(self) -> None:
-        """Clean unmount; the daemon must exit 0 and its log must be clean."""
-        subprocess.run([FUSERMOUNT, "-u", self.path], check=True)
+        """Clean unmount; the daemon must exit 0 and its log must be clean. A busy
+        mount is retried for a few seconds (loop devices detach asynchronously)."""
+        deadline = time.monotonic() + 10
+        while subprocess.run([FUSERMOUNT, "-u", self.path], capture_output=True).returncode:
+            assert time.monotonic() < deadline, f"{self.path} stayed busy"
+            time.sleep(0.1)
         assert self.proc is not None
         self.proc.wait(timeout=30)
         assert self.proc.returncode == 0, self.read_log()

@@ -37,7 +37,8 @@ def write_files(directory: str, prefix: str, count: int, seed: int) -> dict[str,
 
 
 class FileWriter(threading.Thread):
-    """Keeps creating files in a directory until stopped (the running workload)."""
+    """Keeps rewriting 16 files in a directory until stopped (the running workload;
+    bounded so it never fills the filesystem)."""
 
     def __init__(self, directory: str):
         super().__init__(daemon=True)
@@ -46,7 +47,7 @@ class FileWriter(threading.Thread):
     def run(self):
         try:
             while not self.stopping.is_set():
-                write_files(self.directory, f"during{self.count}_", 1, self.count)
+                write_files(self.directory, f"during{self.count % 16}_", 1, self.count)
                 self.count += 1
         except BaseException as exc:
             self.error = exc
@@ -67,12 +68,11 @@ def test_ext4_on_loop_over_device_file(mounter, tmp_path, storage_dir):
     fsmnt.mkdir()
     imgmnt.mkdir()
     loop = run("losetup", "--find", "--show", m.dev("fs"))
-    mounted = []
+    mounted, writer = [], FileWriter(str(fsmnt))
     try:
         run("mount", loop, str(fsmnt))
         mounted.append(str(fsmnt))
         before = write_files(str(fsmnt), "before", 20, seed=1)
-        writer = FileWriter(str(fsmnt))
         writer.start()
         time.sleep(0.5)
         snap = m.ok(f"snapshot_create {storage_dir} 256M fs")["id"]
@@ -95,8 +95,11 @@ def test_ext4_on_loop_over_device_file(mounter, tmp_path, storage_dir):
         for name, digest in after.items():
             assert md5(fsmnt / name) == digest
     finally:
+        writer.stopping.set()
+        writer.join(60)
         for path in reversed(mounted):
-            subprocess.run(["umount", path], check=False)
+            if subprocess.run(["umount", path], check=False).returncode:
+                subprocess.run(["umount", "-l", path], check=False)
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
