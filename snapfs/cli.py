@@ -91,8 +91,7 @@ def print_reply(reply: dict, as_json: bool) -> None:
         if key == "ok":
             continue
         if isinstance(value, list):
-            for item in value:
-                print(item)
+            print(f"{key}=" + " ".join(str(v) for v in value))
         elif isinstance(value, dict):
             print(f"{key}: " + " ".join(f"{k}={v}" for k, v in value.items()))
         else:
