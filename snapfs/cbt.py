@@ -103,23 +103,22 @@ class CBT:
         into runs; None when ``generation_id`` differs (a full backup is needed)."""
         if generation_id != self.generation_id:
             return None
-        return self._runs(since)
-
-    def _runs(self, since: int) -> Iterator[tuple[int, int]]:
-        start = None
-        for i, value in enumerate(self.read_map):
-            if value > since and start is None:
-                start = i
-            elif value <= since and start is not None:
-                yield self._byte_run(start, i)
-                start = None
-        if start is not None:
-            yield self._byte_run(start, self.block_count)
-
-    def _byte_run(self, first: int, last: int) -> tuple[int, int]:
-        offset = first * self.block_size
-        return offset, min(last * self.block_size, self.capacity) - offset
+        return changed_runs(self.read_map, since, self.block_size, self.capacity)
 
     def memory_bytes(self) -> int:
         """Bytes held by the two maps (the dominant cost: 2 x block_count)."""
         return len(self.write_map) + len(self.read_map)
+
+
+def changed_runs(read_map: bytes, since: int, block_size: int,
+                 capacity: int) -> Iterator[tuple[int, int]]:
+    """Merged byte ranges (offset, length) of blocks with ``read_map[i] > since``."""
+    start = None
+    for i, value in enumerate(read_map):
+        if value > since and start is None:
+            start = i
+        elif value <= since and start is not None:
+            yield start * block_size, i * block_size - start * block_size
+            start = None
+    if start is not None:
+        yield start * block_size, capacity - start * block_size

@@ -267,6 +267,49 @@ def format_event(ev: dict) -> str:
     return f"{when} {ev}"
 
 
+def read_cbt(mount: str, name: str) -> tuple[dict, bytes]:
+    """cbt/NAME/info and cbt/NAME/map read consistently (retried if a take happened
+    between the two reads)."""
+    base = os.path.join(mount, "cbt", name)
+    for _ in range(10):
+        try:
+            with open(os.path.join(base, "info"), "rb") as f:
+                info = json.loads(f.read())
+            with open(os.path.join(base, "map"), "rb") as f:
+                cbt_map = f.read()
+            with open(os.path.join(base, "info"), "rb") as f:
+                again = json.loads(f.read())
+        except FileNotFoundError:
+            raise SnapfsError(errno.ENOENT, f"no device named {name!r}") from None
+        if info == again and len(cbt_map) == info["block_count"]:
+            return info, cbt_map
+    raise SnapfsError(errno.EAGAIN, "the CBT kept changing while it was read; try again")
+
+
+def cmd_cbt_changes(args) -> int:
+    """Changed byte ranges since a previous backup's (generation_id, changes_number)."""
+    from .cbt import changed_runs
+
+    info, cbt_map = read_cbt(find_mount(args.mount), args.name)
+    result = {"generation_id": info["generation_id"], "changes_number": info["changes_number"]}
+    if info["generation_id"] != args.generation_id:
+        result |= {"full_backup": True, "reason": "generation changed: all history is lost"}
+    else:
+        runs = list(changed_runs(cbt_map, args.changes_number, info["block_size"],
+                                 info["device_capacity"]))
+        result |= {"full_backup": False, "ranges": runs, "bytes": sum(n for _, n in runs)}
+    if args.json:
+        print(json.dumps(result))
+    elif result["full_backup"]:
+        print(f"full backup needed: {result['reason']} (now {info['generation_id']})")
+    else:
+        for offset, length in result["ranges"]:
+            print(offset, length)
+        print(f"# {len(result['ranges'])} ranges, {result['bytes']} bytes changed since "
+              f"{args.changes_number}; now changes_number={info['changes_number']}", file=sys.stderr)
+    return 0
+
+
 CONTROL_COMMANDS = {
     "version": "print the daemon's version",
     "attach": "NAME PATH: add a device at run time",
@@ -320,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy")
     w.add_argument("id")
     w.set_defaults(func=cmd_watch)
+
+    cc = sub.add_parser("cbt-changes", parents=[common],
+                        help="changed byte ranges since a backup's generation_id and changes_number")
+    cc.add_argument("name")
+    cc.add_argument("generation_id")
+    cc.add_argument("changes_number", type=int)
+    cc.set_defaults(func=cmd_cbt_changes)
 
     for name, text in CONTROL_COMMANDS.items():
         c = sub.add_parser(name, parents=[common], help=text)
