@@ -1,0 +1,132 @@
+"""Mount lifecycle: checks before mounting, --daemon readiness, clean stops on
+signals and umount, no unmount on a crash, umount refused while busy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FUSERMOUNT, is_mounted, make_device, requires_fuse
+
+pytestmark = requires_fuse
+
+SNAPFS = [sys.executable, "-m", "snapfs"]
+
+
+def snapfs(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAPFS, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nonempty", "is not empty"),
+    ("missing", "No such file"),
+    ("directory", "not a regular file or block device"),
+    ("duplicate", "used twice"),
+    ("badname", "bad device name"),
+])
+def test_mount_refuses_bad_arguments_in_one_line(tmp_path, case, message):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    disk = tmp_path / "d.img"
+    make_device(disk, 1 << 20)
+    sources = {
+        "nonempty": [str(disk)], "missing": [str(tmp_path / "nope.img")],
+        "directory": [f"d={tmp_path}"], "duplicate": [f"a={disk}", f"a={disk}"],
+        "badname": [f"../x={disk}"],
+    }[case]
+    if case == "nonempty":
+        (mnt / "file").write_text("x")
+    result = snapfs("mount", "--state-dir", str(tmp_path / "st"), str(mnt), *sources)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not is_mounted(str(mnt))
+
+
+def daemon_mount(tmp_path, disk) -> tuple[str, int]:
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    result = snapfs("mount", "--daemon", "--state-dir", str(tmp_path / "st"),
+                    "--log-file", str(tmp_path / "log"), mnt, f"d={disk}")
+    assert result.returncode == 0, result.stderr
+    # ready means ready: no polling before the first use
+    assert sorted(os.listdir(mnt)) == ["cbt", "control", "devices", "snapshots", "status"]
+    status = snapfs("status", "-m", mnt, "--json")
+    return mnt, json.loads(status.stdout)["pid"]
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} still running")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_saves_cbt(tmp_path, sig):
+    disk = tmp_path / "d.img"
+    make_device(disk, 4 << 20)
+    mnt, pid = daemon_mount(tmp_path, disk)
+    try:
+        with open(os.path.join(mnt, "devices", "d"), "r+b") as f:
+            f.write(b"x" * 100)
+        os.kill(pid, sig)
+        wait_gone(pid)
+        assert not is_mounted(mnt)
+        assert len(os.listdir(tmp_path / "st" / "cbt")) == 1   # CBT persisted
+        assert disk.read_bytes()[:100] == b"x" * 100
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", mnt], check=False)
+
+
+def test_crash_leaves_the_mount_in_place(tmp_path):
+    disk = tmp_path / "d.img"
+    make_device(disk, 4 << 20)
+    mnt, pid = daemon_mount(tmp_path, disk)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        assert is_mounted(mnt), "a crash must not unmount (rsync would see an empty dir)"
+        with pytest.raises(OSError):
+            os.listdir(mnt)
+        assert not os.path.exists(tmp_path / "st" / "cbt") or not os.listdir(tmp_path / "st" / "cbt")
+    finally:
+        subprocess.run([FUSERMOUNT, "-u", "-z", mnt], check=False)
+
+
+def test_umount_refuses_while_busy_then_stops_cleanly(tmp_path):
+    disk = tmp_path / "d.img"
+    make_device(disk, 4 << 20)
+    mnt, pid = daemon_mount(tmp_path, disk)
+    try:
+        f = open(os.path.join(mnt, "devices", "d"), "rb")  # noqa: SIM115
+        busy = snapfs("umount", mnt)
+        assert busy.returncode == 1 and "busy" in busy.stderr, busy.stderr
+        assert is_mounted(mnt) and f.read(10)             # nothing was changed
+        f.close()
+        done = snapfs("umount", mnt)
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(mnt)
+        wait_gone(pid, 5)                                  # umount waits for the CBT save
+        assert len(os.listdir(tmp_path / "st" / "cbt")) == 1
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", mnt], check=False)
+
+
+def test_daemon_reports_mount_failure(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"")                                   # empty source: refused in the child
+    result = snapfs("mount", "--daemon", "--state-dir", str(tmp_path / "st"), str(mnt), str(disk))
+    assert result.returncode == 1 and "empty" in result.stderr, result.stderr
+    assert not is_mounted(str(mnt))
