@@ -63,11 +63,10 @@ class CBT:
         image writes and ``markdirtyblock`` (write map: active; read map: previous)."""
         self.mark(offset, length)
         first, last = self._blocks(offset, length)
-        number = self.changes_number
-        rm = self.read_map
-        for i in range(first, last):
-            if rm[i] < number:
-                rm[i] = number
+        if last > first:
+            number = self.changes_number
+            raise_to = bytes(max(v, number) for v in range(256))   # v -> max(v, number)
+            self.read_map[first:last] = self.read_map[first:last].translate(raise_to)
 
     def switch(self) -> None:
         """Take: read map := write map; changes_number := active; active += 1,

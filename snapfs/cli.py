@@ -226,6 +226,27 @@ def cmd_status(args) -> int:
     return 0
 
 
+WAIT_SLICE_MS = 200
+
+
+def cmd_waitevent(args) -> int:
+    """snapshot_waitevent in short slices: the kernel runs one write to ``control`` at a
+    time, so one long wait would hold up every other command on the mount."""
+    if len(args.words) != 2 or not args.words[1].isdigit():
+        raise SnapfsError(errno.EINVAL, "usage: snapshot_waitevent ID TIMEOUT_MS")
+    mount, snap_id, deadline = find_mount(args.mount), args.words[0], int(args.words[1])
+    end = time.monotonic() + deadline / 1000
+    while True:
+        left = max(0, round((end - time.monotonic()) * 1000))
+        reply = send(mount, f"snapshot_waitevent {quote(snap_id)} {min(left, WAIT_SLICE_MS)}")
+        if reply.get("ok") or reply.get("errno") != "ETIMEDOUT" or left <= WAIT_SLICE_MS:
+            break
+    if not reply.get("ok"):
+        raise SnapfsError(getattr(errno, reply["errno"], errno.EIO), reply["error"])
+    print_reply(reply, args.json)
+    return 0
+
+
 def cmd_control(args) -> int:
     """Any control command: the words are sent as one line."""
     words = [args.command, *args.words]
@@ -331,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    p.add_argument("-m", "--mount", help="mount point (default: the only snapfs mount)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    # the same options after the command; SUPPRESS keeps a value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-m", "--mount", help="mount point (default: the only snapfs mount)")
-    common.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    common.add_argument("-m", "--mount", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)")
     m.add_argument("mountpoint")
@@ -377,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "snapshot_take":
             c.add_argument("--nofreeze", action="store_true",
                            help="do not freeze filesystems stacked on the devices")
-        c.set_defaults(func=cmd_control, command=name)
+        c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
+                       command=name)
     return p
 
 

@@ -258,7 +258,7 @@ class Controller:
 
     async def _grow(self, storage: DiffStorage) -> None:
         """Growth worker: fallocate in a thread; writers keep going meanwhile."""
-        if id(storage) in self._growing or storage.closed:
+        if id(storage) in self._growing or storage.retired:
             return
         done = self._growing[id(storage)] = trio.Event()
         target = storage.requested

@@ -48,6 +48,7 @@ class DiffStorage:
         self.remove_path = remove_path
         self.growable = growable
         self.closed = False
+        self.retired = False        # destroy began: no new growth may start
         self._low = False           # growth requested or no_space posted for this portion
         self.on_grow: Callable[[], None] | None = None
         self.on_no_space: Callable[[int], None] | None = None
@@ -192,6 +193,13 @@ class DiffStorage:
         if len(data) != size:
             raise OSError(errno.EIO, "short read from difference storage")
         return data
+
+    def retire(self) -> None:
+        """Destroy's synchronous step: no growth starts from now on (a growth task
+        queued earlier checks this before touching the fd, which may be reused once
+        closed)."""
+        self.retired = True
+        self.on_grow = None
 
     def close(self) -> None:
         """Release the storage: close it, remove a file snapfs created. Idempotent."""

@@ -83,6 +83,7 @@ def build(config: MountConfig) -> tuple[Controller, StateStore]:
     controller = Controller(config.params, mountpoint)
     state = StateStore(config.state_dir, config.params)
     controller.restore_cbt = state.load
+    controller.forget_cbt = state.forget
     try:
         for name, path in pairs:
             source = Source.open(path)

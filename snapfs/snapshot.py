@@ -94,6 +94,7 @@ class Snapshot:
         for area in self.areas.values():
             area.close()
         self.destroyed = True
+        self.storage.retire()
         self.events.close()
         return self.storage
 

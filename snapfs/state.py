@@ -28,6 +28,7 @@ block size, digest or header does not match is ignored with a warning: never tru
 a CBT that could hide a write.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,6 +59,7 @@ class StateStore:
         self.dir = os.path.join(state_dir, "cbt")
         self.params = params
         self._loaded: list[str] = []
+        self.running = False
 
     def path_for(self, source: Source) -> str:
         key = hashlib.sha256(source.path.encode()).hexdigest()[:32]
@@ -78,17 +80,22 @@ class StateStore:
             log.warning("cannot read CBT state %s: %s", path, exc)
             return None
         self._loaded.append(path)
+        if self.running:       # a run-time attach: the file is consumed at once
+            self.consume()
         try:
             return self._decode(data, source)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring CBT state %s for %s: %s; new generation", path, source.path, exc)
+        except Exception as exc:   # any malformed file: never trust it, never crash
+            log.warning("ignoring CBT state %s for %s: %s: %s; new generation",
+                        path, source.path, type(exc).__name__, exc)
             return None
 
     def _decode(self, data: bytes, source: Source) -> CBT:
         header_end = data.index(b"\n")
         h = json.loads(data[:header_end])
-        if h.get("format") != FORMAT or h.get("version") != VERSION:
+        if not isinstance(h, dict) or h.get("format") != FORMAT or h.get("version") != VERSION:
             raise ValueError("unknown format")
+        if not isinstance(h.get("source"), dict):
+            raise ValueError("no source identity")
         if not _same_identity(h["source"], source.identity()):
             raise ValueError("source changed since the clean stop")
         count, block_size = int(h["block_count"]), int(h["block_size"])
@@ -111,13 +118,20 @@ class StateStore:
         return cbt
 
     def consume(self) -> None:
-        """Called once the mount runs: from now on only a clean stop leaves state."""
+        """Called once the mount runs: from now on only a clean stop leaves state.
+        Files loaded later (run-time attach) are consumed as they are loaded."""
+        self.running = True
         for path in self._loaded:
             try:
                 os.unlink(path)
             except OSError as exc:
                 log.warning("cannot remove consumed CBT state %s: %s", path, exc)
         self._loaded.clear()
+
+    def forget(self, source: Source) -> None:
+        """Detach: the CBT history of ``source`` is gone, on disk too."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path_for(source))
 
     def save(self, source: Source, cbt: CBT) -> None:
         """Write the CBT of ``source`` atomically (after the source was fsynced)."""

@@ -170,6 +170,7 @@ class Tracker:
         self.gate = WriteGate()
         self.open_handles = 0
         self.bytes_written = 0
+        self.write_requests = 0
         self.detached = False
 
     def _clip(self, offset: int, length: int) -> int:
@@ -198,6 +199,7 @@ class Tracker:
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
         self.bytes_written += n
+        self.write_requests += 1
         return n
 
     async def discard(self, offset: int, length: int) -> None:
@@ -239,6 +241,7 @@ class Tracker:
             "kind": self.source.kind,
             "size": self.capacity,
             "bytes_written": self.bytes_written,
+            "write_requests": self.write_requests,
             "open_handles": self.open_handles,
             "snapshot": self.snapshot_id,
             "cow_copies": self.area.cow_copies if self.area else 0,
