@@ -247,8 +247,34 @@ def cmd_waitevent(args) -> int:
     return 0
 
 
+def cmd_markdirty_file(args) -> int:
+    """markdirtyblock --file PATH: mark the blocks of a file that lives in a filesystem
+    stacked on a snapfs device (through a loop device), found with FIEMAP."""
+    from .fiemap import backing_device_file, file_extents
+
+    backing, fs_offset = backing_device_file(args.file)
+    devices_dir, name = os.path.split(os.path.realpath(backing))
+    mount = os.path.dirname(devices_dir)
+    if os.path.basename(devices_dir) != "devices" or mount not in snapfs_mounts():
+        raise SnapfsError(errno.EINVAL, f"{args.file} is not on a snapfs device (its loop device "
+                          f"is backed by {backing})")
+    ranges = []
+    for physical, length in file_extents(args.file):
+        start = (fs_offset + physical) // 512
+        end = -(-(fs_offset + physical + length) // 512)
+        ranges.append(f"{start}:{end - start}")
+    for i in range(0, len(ranges), 500):
+        command(mount, f"markdirtyblock {quote(name)} {' '.join(ranges[i:i + 500])}")
+    print_reply({"device": name, "ranges": len(ranges)}, args.json)
+    return 0
+
+
 def cmd_control(args) -> int:
     """Any control command: the words are sent as one line."""
+    if getattr(args, "file", None):
+        if args.words:
+            raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME RANGES")
+        return cmd_markdirty_file(args)
     words = [args.command, *args.words]
     if getattr(args, "nofreeze", False):
         words.append("nofreeze")
@@ -398,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in CONTROL_COMMANDS.items():
         c = sub.add_parser(name, parents=[common], help=text)
         c.add_argument("words", nargs="*")
+        if name == "markdirtyblock":
+            c.add_argument("--file", help="mark the blocks of this file (in a filesystem stacked "
+                           "on a snapfs device through a loop device)")
         if name == "snapshot_take":
             c.add_argument("--nofreeze", action="store_true",
                            help="do not freeze filesystems stacked on the devices")
