@@ -1,0 +1,57 @@
+"""The write path below FUSE: DISCARD/punch-hole counts as a write (CBT + COW), and
+the write gate holds writes during take."""
+
+import os
+
+import trio
+import trio.testing
+
+from snapfs.diffstorage import DiffStorage
+from snapfs.params import Params
+from snapfs.snapshot import Snapshot
+from snapfs.tracker import Source, Tracker
+
+MiB = 1024 * 1024
+PARAMS = Params(chunk_minimum=64 * 1024, diff_storage_minimum=8 * MiB)
+
+
+def make(tmp_path, size=4 * MiB):
+    path = tmp_path / "d.img"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    tracker = Tracker("d", Source.open(str(path)), PARAMS)
+    store = DiffStorage.open(str(tmp_path), 64 * MiB, PARAMS.diff_storage_minimum, lambda st: None)
+    snap = Snapshot(store, PARAMS)
+    snap.add(tracker)
+    return tracker, snap, data
+
+
+async def test_discard_copies_before_punching_and_marks_cbt(tmp_path):
+    tracker, snap, data = make(tmp_path)
+    snap.switch()
+    before = bytes(tracker.cbt.write_map)
+    await tracker.discard(100_000, 300_000)
+    assert tracker.read(100_000, 300_000) == bytes(300_000)          # punched: zeros
+    assert snap.areas["d"].read(0, len(data)) == data                # image kept the old data
+    changed = [i for i, (a, b) in enumerate(zip(before, tracker.cbt.write_map, strict=True)) if a != b]
+    bs = tracker.cbt.block_size
+    assert changed == list(range(100_000 // bs, (400_000 - 1) // bs + 1))
+    snap.destroy().close()
+
+
+async def test_gate_holds_writes_until_open(tmp_path):
+    tracker, snap, _ = make(tmp_path)
+    tracker.gate.close()
+    done = []
+
+    async def writer():
+        await tracker.write(0, b"x" * 10)
+        done.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done and tracker.read(0, 10) != b"x" * 10
+        tracker.gate.open()
+    assert done and tracker.read(0, 10) == b"x" * 10
+    snap.destroy().close()
