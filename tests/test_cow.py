@@ -50,6 +50,11 @@ def assert_image(m, image: str, initial: bytes, writers, t0: float, t1: float) -
     got = copy.read_bytes()
     expected = take_time_content(initial, got, writers, t0, t1)
     bad = chunk_mismatches(got, expected, CHUNK)
+    if bad and os.environ.get("SNAPFS_DUMP"):
+        import pickle
+        with open(os.environ["SNAPFS_DUMP"], "wb") as f:
+            pickle.dump({"initial": initial, "image": got, "t0": t0, "t1": t1,
+                         "logs": [(w.lo, w.hi, list(w.log)) for w in writers]}, f)
     assert not bad, f"image differs from take-time content in chunks {bad[:20]}"
     return expected
 
@@ -139,11 +144,28 @@ def test_candidates_model_detects_foreign_data():
     w = Writer("/dev/null", 0, 1000, seed=1)
     from workload import Write
     w.log = [Write(1.0, 2.0, 10, b"a" * 10), Write(5.0, 6.0, 20, b"b" * 10)]
-    cands = list(region_candidates(initial, w, 3.0, 4.0))
+    cands = [c for c, _ in region_candidates(initial, w, 3.0, 4.0)]
     assert len(cands) == 1 and cands[0][10:20] == b"a" * 10 and cands[0][20:30] == bytes(10)
     late = bytearray(cands[0])
     late[20:30] = b"b" * 10
     assert take_time_content(initial, bytes(late), [w], 3.0, 4.0) != bytes(late)
+
+
+def test_model_accepts_only_page_aligned_torn_prefixes():
+    """A write in flight during take may be torn at a page boundary of the file (two
+    FUSE requests), never elsewhere, and never with its tail applied alone."""
+    from workload import Write
+    initial = bytes(20000)
+    w = Writer("/dev/null", 0, 20000, seed=1)
+    w.log = [Write(3.5, 3.6, 1000, b"n" * 9000)]              # in flight during the take
+    image = bytearray(initial)
+    image[1000:4096] = b"n" * 3096                             # torn at file offset 4096
+    assert take_time_content(initial, bytes(image), [w], 3.0, 4.0) == bytes(image)
+    image[4096:4100] = b"nnnn"                                 # torn mid-page: illegal
+    assert take_time_content(initial, bytes(image), [w], 3.0, 4.0) != bytes(image)
+    tail = bytearray(initial)
+    tail[4096:10000] = b"n" * 5904                             # tail without head: illegal
+    assert take_time_content(initial, bytes(tail), [w], 3.0, 4.0) != bytes(tail)
 
 
 @pytest.mark.parametrize("where", ["device", "image"])

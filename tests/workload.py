@@ -4,8 +4,14 @@ contain.
 Each writer owns a disjoint region of a device, so the device's final content is
 determined by applying every writer's log in order. Around a take, a writer's log
 splits into writes that ended before the take began (must be in the image), writes
-that started after it ended (must not), and at most a few in between (either): the
-image must equal the region after some prefix of the log in that window.
+that started after it ended (must not), and a few in between (either): the image
+must equal the region after some prefix of the log in that window.
+
+One write() may reach snapfs as several FUSE requests (the kernel ends a request at
+a partial page that is not cached), so the take can fall between two requests of one
+syscall, as it can between two bios on a block device. The model therefore also
+accepts, for the first write not in the image, a *torn* prefix: its bytes up to a
+4096-aligned file offset applied, the rest not. Nothing else is accepted.
 """
 
 import hashlib
@@ -89,29 +95,41 @@ def apply(region: bytearray, lo: int, writes: list[Write]) -> None:
 
 
 def region_candidates(initial: bytes, writer: Writer, t0: float, t1: float):
-    """Yield every region content the image may legally hold for this writer, for a
-    take that began at t0 and ended at t1."""
+    """Yield (content, next write) for every whole-write prefix the image may hold for
+    this writer, for a take that began at t0 and ended at t1."""
     log = list(writer.log)
     done = [w for w in log if w.end < t0]
     maybe = [w for w in log[len(done) :] if w.start < t1]
     region = bytearray(initial[writer.lo : writer.hi])
     apply(region, writer.lo, done)
-    yield bytes(region)
     for w in maybe:
+        yield bytes(region), w
         apply(region, writer.lo, [w])
-        yield bytes(region)
+    yield bytes(region), None
+
+
+def torn(base: bytes, got: bytes, lo: int, w: Write) -> bool:
+    """Is ``got`` equal to ``base`` with a page-aligned prefix of write ``w`` applied?"""
+    a, b = w.offset - lo, w.offset - lo + len(w.data)
+    if got[:a] != base[:a] or got[b:] != base[b:]:
+        return False
+    seg, old = got[a:b], base[a:b]
+    split = next((i for i in range(4096 - w.offset % 4096, len(seg), 4096)
+                  if seg[:i] == w.data[:i] and seg[i:] == old[i:]), None)
+    return split is not None
 
 
 def take_time_content(initial: bytes, image: bytes, writers: list[Writer], t0: float, t1: float) -> bytes:
-    """The legal take-time content closest to ``image``: per writer region, the
-    candidate equal to the image's region if any (else the first, which will then
-    mismatch and be reported)."""
+    """The legal take-time content equal to ``image`` if there is one (per writer
+    region: a whole-write prefix, or one torn write after it); else the region after
+    the writes that surely preceded the take, which then mismatches and is reported."""
     expected = bytearray(initial)
     for w in writers:
         got = image[w.lo : w.hi]
         candidates = list(region_candidates(initial, w, t0, t1))
-        match = next((c for c in candidates if c == got), candidates[0])
-        expected[w.lo : w.hi] = match
+        match = next((c for c, nxt in candidates
+                      if c == got or (nxt is not None and torn(c, got, w.lo, nxt))), None)
+        expected[w.lo : w.hi] = got if match is not None else candidates[0][0]
     return bytes(expected)
 
 
