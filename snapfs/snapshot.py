@@ -7,8 +7,8 @@ Take (DESIGN.md section 5), in ``take``:
     1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
        serving the flush);
     2. close every member's write gate and wait for admitted writes;
-    3. fsync the sources (worker thread; a first fsync before step 2 writes back most
-       dirty data while writes still flow, so this one is short);
+    3. fsync the sources (worker thread; fsyncs before step 2, repeated until one is
+       short, write back most dirty data while writes still flow, so this one is short);
     4. ``switch``: one synchronous step, no await: build every diff area, switch every
        CBT, enable COW;
     5. open the gates; thaw (always, even on failure).
@@ -151,10 +151,23 @@ def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> list:
     return freeze.freeze(mounts) if mounts else []
 
 
+PREFLUSH_ROUNDS = 4
+PREFLUSH_SHORT_NS = 3_000_000
+
+
+async def _preflush(trackers: list[Tracker]) -> None:
+    """fsync while writes still flow, until one round is short: each round only writes
+    back what arrived during the previous one, so the fsync inside the held window
+    has little left to do (the window stays short under heavy writers)."""
+    for _ in range(PREFLUSH_ROUNDS):
+        t0 = time.perf_counter_ns()
+        await trio.to_thread.run_sync(_fsync_all, trackers)
+        if time.perf_counter_ns() - t0 < PREFLUSH_SHORT_NS:
+            return
+
+
 async def _switch_with_writes_held(snap: Snapshot, trackers: list[Tracker]) -> None:
-    # Pre-flush while writes still flow, so the fsync inside the window only has to
-    # write back what arrived since: the window stays short under heavy writers.
-    await trio.to_thread.run_sync(_fsync_all, trackers)
+    await _preflush(trackers)
     t0 = time.perf_counter_ns()
     for t in trackers:
         t.gate.close()
