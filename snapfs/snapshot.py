@@ -7,13 +7,20 @@ Take (DESIGN.md section 5), in ``take``:
     1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
        serving the flush);
     2. close every member's write gate and wait for admitted writes;
-    3. fsync the sources (worker thread; fsyncs before step 2, repeated until one is
-       short, write back most dirty data while writes still flow, so this one is short);
+    3. (the fsync of the sources: moved to 5, see below);
     4. ``switch``: one synchronous step, no await: build every diff area, switch every
        CBT, enable COW;
-    5. open the gates; thaw (always, even on failure).
+    5. open the gates; fsync the sources (worker thread, before take returns); thaw
+       (always, even on failure).
 Writes wait only during 2-4. A failure before 4 changes nothing; 4 builds everything
 that can fail (the areas) before it commits anything.
+
+Why the fsync is outside the window (a deliberate change from DESIGN.md section 5):
+the images read the same page cache as the source, so the point in time does not
+depend on the fsync; holding writes while it ran cost 11-25 ms under four writers
+(measured: the write-back of the pages dirtied since a pre-flush). Done after the
+switch, it still makes every write acknowledged before the take durable before the
+take returns.
 """
 
 import errno
@@ -140,6 +147,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
         if snap.destroyed or snap.taken:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} changed during take")
         await _switch_with_writes_held(snap, trackers)
+        await trio.to_thread.run_sync(_fsync_all, trackers)
         return [mp for mp, _ in frozen]
     finally:
         if frozen:
@@ -151,30 +159,13 @@ def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> list:
     return freeze.freeze(mounts) if mounts else []
 
 
-PREFLUSH_ROUNDS = 4
-PREFLUSH_SHORT_NS = 3_000_000
-
-
-async def _preflush(trackers: list[Tracker]) -> None:
-    """fsync while writes still flow, until one round is short: each round only writes
-    back what arrived during the previous one, so the fsync inside the held window
-    has little left to do (the window stays short under heavy writers)."""
-    for _ in range(PREFLUSH_ROUNDS):
-        t0 = time.perf_counter_ns()
-        await trio.to_thread.run_sync(_fsync_all, trackers)
-        if time.perf_counter_ns() - t0 < PREFLUSH_SHORT_NS:
-            return
-
-
 async def _switch_with_writes_held(snap: Snapshot, trackers: list[Tracker]) -> None:
-    await _preflush(trackers)
     t0 = time.perf_counter_ns()
     for t in trackers:
         t.gate.close()
     try:
         for t in trackers:
             await t.gate.wait_drained()
-        await trio.to_thread.run_sync(_fsync_all, trackers)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
         snap.switch()

@@ -12,6 +12,8 @@ The gate implements take's "stop admitting writes, wait for in-flight ones"
 (DESIGN.md section 5 step 2). It is the only trio-aware part of the core.
 """
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -96,7 +98,9 @@ class Source:
             view, offset = view[n:], offset + n
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        """Make the data durable. fdatasync: a preallocated source needs no journal
+        commit for its data, and a commit would stall concurrent writers."""
+        os.fdatasync(self.fd)
 
     def punch(self, offset: int, length: int) -> None:
         """Deallocate a range (reads return zeros afterwards)."""
@@ -109,15 +113,19 @@ class Source:
         os.close(self.fd)
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def _libc_call(name: str, *args) -> None:
+    """Call a libc function that Python's os module lacks; OSError on failure."""
+    if getattr(_LIBC, name)(*args) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _libc_call("fallocate", fd, mode, offset, length)
 
 
 class WriteGate:
