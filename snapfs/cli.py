@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -77,7 +78,6 @@ def command(mount: str, line: str) -> dict:
 
 
 def quote(word: str) -> str:
-    import shlex
     return shlex.quote(word)
 
 
