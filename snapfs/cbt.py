@@ -25,10 +25,17 @@ so a tool holding an older generation does a full backup, and the next take repo
 ``map[i] > 0`` for exactly the blocks written since.
 """
 
+import functools
 import uuid
 from collections.abc import Iterator
 
 MAX_NUMBER = 255
+
+
+@functools.cache
+def _raise_table(number: int) -> bytes:
+    """bytes.translate table mapping each value v to max(v, number)."""
+    return bytes(max(v, number) for v in range(256))
 
 
 class CBT:
@@ -64,8 +71,7 @@ class CBT:
         self.mark(offset, length)
         first, last = self._blocks(offset, length)
         if last > first:
-            number = self.changes_number
-            raise_to = bytes(max(v, number) for v in range(256))   # v -> max(v, number)
+            raise_to = _raise_table(self.changes_number)
             self.read_map[first:last] = self.read_map[first:last].translate(raise_to)
 
     def switch(self) -> None:

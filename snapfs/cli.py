@@ -18,7 +18,7 @@ import time
 
 from . import __version__
 from .errors import SnapfsError
-from .params import Params, parse_size
+from .params import SECTOR, Params, parse_size
 from .state import default_state_dir
 
 FSTYPE = "fuse.snapfs"
@@ -260,8 +260,8 @@ def cmd_markdirty_file(args) -> int:
                           f"is backed by {backing})")
     ranges = []
     for physical, length in file_extents(args.file):
-        start = (fs_offset + physical) // 512
-        end = -(-(fs_offset + physical + length) // 512)
+        start = (fs_offset + physical) // SECTOR
+        end = -(-(fs_offset + physical + length) // SECTOR)
         ranges.append(f"{start}:{end - start}")
     for i in range(0, len(ranges), 500):
         command(mount, f"markdirtyblock {quote(name)} {' '.join(ranges[i:i + 500])}")

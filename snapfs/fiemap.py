@@ -32,6 +32,7 @@ import stat
 import struct
 
 from .errors import SnapfsError
+from .params import SECTOR
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_MAX_OFFSET = 2**64 - 1
@@ -52,7 +53,6 @@ _UNUSABLE = {
     FIEMAP_EXTENT_ENCODED: "encoded (compressed or encrypted)",
     FIEMAP_EXTENT_NOT_ALIGNED: "not aligned to 512 bytes",
 }
-SECTOR = 512
 
 # struct fiemap: fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count,
 # fm_reserved (32 bytes), then fm_extent_count struct fiemap_extent: fe_logical,

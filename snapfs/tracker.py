@@ -117,15 +117,11 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
-def _libc_call(name: str, *args) -> None:
-    """Call a libc function that Python's os module lacks; OSError on failure."""
-    if getattr(_LIBC, name)(*args) != 0:
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none); OSError on failure."""
+    if _LIBC.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    _libc_call("fallocate", fd, mode, offset, length)
 
 
 class WriteGate:
