@@ -215,14 +215,13 @@ class Controller:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap_id} is being taken")
         snap.taking = True
         try:
-            frozen, fsync_error = await take(snap, lambda: self._device_files(snap),
+            frozen = await take(snap, lambda: self._device_files(snap),
                                              nofreeze=option == "nofreeze")
         finally:
             snap.taking = False
         log.info("took snapshot %s (writes held %.3f ms)", snap_id, snap.last_take_block_ns / 1e6)
-        reply = {"id": snap_id, "frozen": frozen,
-                 "write_block_ms": round(snap.last_take_block_ns / 1e6, 3)}
-        return reply | ({"fsync_error": fsync_error} if fsync_error else {})
+        return {"id": snap_id, "frozen": frozen,
+                "write_block_ms": round(snap.last_take_block_ns / 1e6, 3)}
 
     def _device_files(self, snap: Snapshot) -> set[tuple[int, int]]:
         if self.mount_dev is None:

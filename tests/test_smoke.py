@@ -1,7 +1,9 @@
 """The shortest end-to-end path: mount, write, take, image equals take-time content."""
 
 import os
+import subprocess
 
+import pytest
 from conftest import requires_fuse
 
 pytestmark = requires_fuse
@@ -22,3 +24,32 @@ def test_mount_take_read_destroy(mounter, device, storage_dir):
         assert f.read(12345 + 200_000)[12345:] == b"x" * 200_000
     m.ok(f"snapshot_destroy {snap}")
     assert not os.path.exists(m.image(snap, "d0"))
+
+
+def _dirty_pages(path) -> int:
+    """nr_dirty of the file's page cache, by the cachestat syscall (Linux 6.5+)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng = (ctypes.c_uint64 * 2)(0, 0)                 # offset 0, length 0 = whole file
+    stat = (ctypes.c_uint64 * 5)()                    # cache, dirty, writeback, evicted, recently_evicted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, rng, stat, 0) != 0:  # SYS_cachestat on x86_64
+            pytest.skip(f"cachestat: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+    return stat[1]
+
+
+def test_sync_of_a_device_file_makes_its_source_durable(mounter, device):
+    """Take does not fsync the sources (README); `sync MNT/devices/NAME` is the way to
+    make one durable, so it must reach the source's write-back."""
+    path, _ = device
+    m = mounter({"d0": path})
+    fd = os.open(m.dev("d0"), os.O_WRONLY)
+    os.pwrite(fd, b"y" * 1024 * 1024, 4096)
+    os.close(fd)
+    assert _dirty_pages(path) > 0
+    subprocess.run(["sync", m.dev("d0")], check=True)
+    assert _dirty_pages(path) == 0

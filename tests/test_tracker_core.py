@@ -57,19 +57,19 @@ async def test_gate_holds_writes_until_open(tmp_path):
     snap.destroy().close()
 
 
-async def test_fsync_failure_after_the_switch_does_not_fail_the_take(tmp_path):
-    """The fsync runs after the point in time; its failure is reported, the snapshot
-    stays taken and its image stays right."""
+async def test_take_does_not_fsync_the_sources(tmp_path):
+    """Take never fsyncs (snapshot.py docstring: it stalled writers 30-45 ms); the image
+    is right without it, from the page cache the source shares."""
     from snapfs.snapshot import take
 
     tracker, snap, data = make(tmp_path)
 
     def failing_fsync():
-        raise OSError(5, "Input/output error")
+        raise AssertionError("take called fsync on a source")
 
     tracker.source.fsync = failing_fsync
-    frozen, fsync_error = await take(snap, set, nofreeze=True)
-    assert frozen == [] and "Input/output error" in fsync_error
+    frozen = await take(snap, set, nofreeze=True)
+    assert frozen == []
     assert snap.taken and tracker.area is snap.areas["d"]
     await tracker.write(0, b"x" * 100)
     assert snap.areas["d"].read(0, len(data)) == data
