@@ -99,7 +99,8 @@ class DiffArea:
 
     def read(self, offset: int, size: int) -> bytes:
         """Image read: per chunk, the stored old data if copied, else the source.
-        Runs of uncopied chunks are read from the source in one call."""
+        Runs of uncopied chunks are read from the source in one call, and runs of
+        copied chunks whose slots follow each other in the storage in one call."""
         self.check_usable()
         end = min(offset + size, self.capacity)
         parts = []
@@ -109,7 +110,8 @@ class DiffArea:
             while pos < end:
                 i = pos // cs
                 if self.copied[i]:
-                    stop = min((i + 1) * cs, end)
+                    k = self._stored_run_end(i, (end - 1) // cs)
+                    stop = min(k * cs, end)
                     parts.append(self.storage.read(self.slots[i] + pos - i * cs, stop - pos))
                 else:
                     j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
@@ -120,6 +122,15 @@ class DiffArea:
             self.corrupt(exc.errno or errno.EIO)
             raise SnapfsError(errno.EIO, f"reading snapshot image of {self.name}: {exc}") from None
         return b"".join(parts)
+
+    def _stored_run_end(self, i: int, last: int) -> int:
+        """The chunk after the run that starts at copied chunk ``i``, ends at ``last``
+        at the latest, and whose slots are consecutive in the storage."""
+        slots, cs = self.slots, self.chunk_size
+        k = i + 1
+        while k <= last and slots.get(k) == slots[k - 1] + cs:
+            k += 1
+        return k
 
     def write(self, offset: int, data) -> None:
         """Image write: goes only to the storage (copying the old chunk first)."""
