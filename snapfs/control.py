@@ -216,7 +216,7 @@ class Controller:
         snap.taking = True
         try:
             frozen = await take(snap, lambda: self._device_files(snap),
-                                             nofreeze=option == "nofreeze")
+                                nofreeze=option == "nofreeze")
         finally:
             snap.taking = False
         log.info("took snapshot %s (writes held %.3f ms)", snap_id, snap.last_take_block_ns / 1e6)

@@ -58,7 +58,7 @@ async def test_gate_holds_writes_until_open(tmp_path):
 
 
 async def test_take_does_not_fsync_the_sources(tmp_path):
-    """Take never fsyncs (snapshot.py docstring: it stalled writers 30-45 ms); the image
+    """Take never fsyncs (snapshot.py docstring: it stalled writers 28-45 ms); the image
     is right without it, from the page cache the source shares."""
     from snapfs.snapshot import take
 
@@ -78,8 +78,9 @@ async def test_take_does_not_fsync_the_sources(tmp_path):
 
 async def test_image_reads_across_stored_runs(tmp_path):
     """Image reads merge copied chunks whose slots follow each other into one storage
-    read. Chunks copied out of order (slots 2,3,4 | 1 | 6,7 | 0) and reads at every
-    unaligned start and length over them must still return the take-time bytes."""
+    read. Chunks copied in the order 2,3,4,1,6,7,8,0 (so chunks 2-4 and 6-8 have
+    consecutive slots, 0 and 1 do not, 5 is not copied): reads at every unaligned
+    start and length over them must still return the take-time bytes."""
     tracker, snap, data = make(tmp_path, size=8 * 64 * 1024 + 1000)   # partial last chunk
     snap.switch()
     cs = snap.areas["d"].chunk_size
