@@ -612,11 +612,10 @@ def _change_d1(m, how: str) -> None:
         m.ok("markdirtyblock d1 384:1")           # block 3
 
 
-@pytest.mark.parametrize("how", ["write", "markdirtyblock"])
-def test_state_of_a_device_attached_at_run_time_is_consumed(mounter, device, storage_dir,
-                                                            tmp_path, how):
-    """The clean-stop rule must hold for ``attach`` too: a state file restored by a
-    run-time attach must not survive a crash of that mount."""
+def _attached_from_saved_state(mounter, device, tmp_path):
+    """Mount d0 and d1, stop cleanly (both CBTs saved), mount d0 alone and attach d1 at
+    run time; d1's CBT must be the saved one. Returns (mount, d0 path, d1 path, state
+    dir, d1's generation)."""
     path, _ = device
     other = tmp_path / "other.img"
     make_device(other, 2 * MiB, seed=9)
@@ -629,6 +628,15 @@ def test_state_of_a_device_attached_at_run_time_is_consumed(mounter, device, sto
     m2 = mounter({"d0": path}, state_dir=sd)
     m2.ok(f"attach d1 {other}")
     assert info(m2, "d1")["generation_id"] == gen, "attach restores a cleanly saved CBT"
+    return m2, path, other, sd, gen
+
+
+@pytest.mark.parametrize("how", ["write", "markdirtyblock"])
+def test_state_of_a_device_attached_at_run_time_is_consumed(mounter, device, storage_dir,
+                                                            tmp_path, how):
+    """The clean-stop rule must hold for ``attach`` too: a state file restored by a
+    run-time attach must not survive a crash of that mount."""
+    m2, path, other, sd, gen = _attached_from_saved_state(mounter, device, tmp_path)
     _change_d1(m2, how)
     m2.kill()                  # a crash: nothing may restore the CBT from before the change
 
@@ -647,17 +655,7 @@ def test_state_of_a_device_attached_at_run_time_is_consumed(mounter, device, sto
 def test_detach_forgets_cbt_history(mounter, device, storage_dir, tmp_path, how):
     """DESIGN: detach removes the device, CBT history gone: attaching it again must
     start a new generation, even when its CBT was restored from state at attach."""
-    path, _ = device
-    other = tmp_path / "other.img"
-    make_device(other, 2 * MiB, seed=9)
-    sd = tmp_path / "state"
-    m1 = mounter({"d0": path, "d1": str(other)}, state_dir=sd)
-    gen = info(m1, "d1")["generation_id"]
-    m1.stop()
-
-    m2 = mounter({"d0": path}, state_dir=sd)
-    m2.ok(f"attach d1 {other}")
-    assert info(m2, "d1")["generation_id"] == gen, "attach restores a cleanly saved CBT"
+    m2, _, other, _, gen = _attached_from_saved_state(mounter, device, tmp_path)
     _change_d1(m2, how)
     m2.ok("detach d1")
     m2.ok(f"attach d1 {other}")
