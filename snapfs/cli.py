@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 
-from . import __version__
+from . import __version__, mountinfo
+from .control import MAX_LINE, MAX_TIMEOUT_MS
 from .errors import SnapfsError
-from .params import SECTOR, Params, parse_size
+from .params import SECTOR, Params, parse_number, parse_size
 from .state import default_state_dir
 
 FSTYPE = "fuse.snapfs"
@@ -28,13 +29,7 @@ FSTYPE = "fuse.snapfs"
 
 def snapfs_mounts() -> list[str]:
     """Mount points of snapfs mounts visible to this process."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == FSTYPE:
-                points.append(left.split()[4].encode().decode("unicode_escape"))
-    return points
+    return [m.mountpoint for m in mountinfo.mounts() if m.fstype == FSTYPE]
 
 
 def find_mount(explicit: str | None) -> str:
@@ -149,6 +144,14 @@ def daemonize(config, args) -> int:
     from . import mount
 
     mount.check_mountpoint(config.mountpoint)
+    config.state_dir = mount.check_state_dir(config.state_dir)
+    log_file = os.path.abspath(args.log_file or os.path.join(config.state_dir, "snapfs.log"))
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        with open(log_file, "a"):
+            pass
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"log file {log_file}") from None
     read_end, write_end = os.pipe()
     if os.fork():
         os.close(write_end)
@@ -161,8 +164,6 @@ def daemonize(config, args) -> int:
         return 1
     os.close(read_end)
     os.setsid()
-    log_file = args.log_file or os.path.join(config.state_dir, "snapfs.log")
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
     setup_logging(args.log_level, log_file)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -191,11 +192,22 @@ def setup_logging(level: str, log_file: str | None) -> None:
     root.setLevel(level.upper())
 
 
+def read_status(mount: str) -> dict:
+    """MOUNT/status as JSON: a read, so it never waits behind a command that holds
+    the control file (the kernel runs one write to it at a time)."""
+    path = os.path.join(mount, "status")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"reading {path}") from None
+
+
 def cmd_umount(args) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if mountpoint not in snapfs_mounts():
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
-    pid = command(mountpoint, "status").get("pid")
+    pid = read_status(mountpoint).get("pid")
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
@@ -232,9 +244,10 @@ WAIT_SLICE_MS = 200
 def cmd_waitevent(args) -> int:
     """snapshot_waitevent in short slices: the kernel runs one write to ``control`` at a
     time, so one long wait would hold up every other command on the mount."""
-    if len(args.words) != 2 or not args.words[1].isdigit():
+    if len(args.words) != 2:
         raise SnapfsError(errno.EINVAL, "usage: snapshot_waitevent ID TIMEOUT_MS")
-    mount, snap_id, deadline = find_mount(args.mount), args.words[0], int(args.words[1])
+    deadline = parse_number(args.words[1], "timeout (milliseconds)", MAX_TIMEOUT_MS)
+    mount, snap_id = find_mount(args.mount), args.words[0]
     end = time.monotonic() + deadline / 1000
     while True:
         left = max(0, round((end - time.monotonic()) * 1000))
@@ -263,10 +276,25 @@ def cmd_markdirty_file(args) -> int:
         start = (fs_offset + physical) // SECTOR
         end = -(-(fs_offset + physical + length) // SECTOR)
         ranges.append(f"{start}:{end - start}")
-    for i in range(0, len(ranges), 500):
-        command(mount, f"markdirtyblock {quote(name)} {' '.join(ranges[i:i + 500])}")
+    for line in batched_lines(f"markdirtyblock {quote(name)}", ranges):
+        command(mount, line)
     print_reply({"device": name, "ranges": len(ranges)}, args.json)
     return 0
+
+
+def batched_lines(head: str, words: list[str]) -> list[str]:
+    """``head word word ...`` lines of at most MAX_LINE bytes with every word once."""
+    lines, line = [], head
+    for word in words:
+        if len(line) + 1 + len(word) >= MAX_LINE and line != head:
+            lines.append(line)
+            line = head
+        line += " " + word
+    return [*lines, line]
+
+
+# the words of these commands that are paths: sent absolute (the daemon has its own cwd)
+PATH_WORDS = {"attach": 1, "snapshot_create": 0}
 
 
 def cmd_control(args) -> int:
@@ -275,6 +303,9 @@ def cmd_control(args) -> int:
         if args.words:
             raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME RANGES")
         return cmd_markdirty_file(args)
+    index = PATH_WORDS.get(args.command)
+    if index is not None and len(args.words) > index:
+        args.words[index] = os.path.abspath(args.words[index])
     words = [args.command, *args.words]
     if getattr(args, "nofreeze", False):
         words.append("nofreeze")

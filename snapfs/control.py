@@ -9,30 +9,37 @@ the last await of a command, and re-check what an await may have changed.
 """
 
 import errno
+import json
 import logging
 import os
 import re
 import shlex
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from . import __version__
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
-from .params import SECTOR, Params, parse_size
+from .params import SECTOR, Params, parse_number, parse_size
 from .snapshot import Snapshot, take
-from .tracker import Source, Tracker
+from .source import Source
+from .stack import Guard
+from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_LINE = 8192                 # bytes in one command: parsing stays within ~2 ms
+# snapshot_waitevent: the kernel runs one write to the control file at a time, so a
+# waiting command holds up every other one (destroy too) until it returns
+MAX_TIMEOUT_MS = 60_000
 
 
 def check_name(name: str) -> str:
     """Device names: ``[A-Za-z0-9._-]{1,64}``, not ``.`` or ``..`` (EINVAL)."""
-    if not NAME_RE.match(name) or name in (".", ".."):
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise SnapfsError(errno.EINVAL, f"bad device name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     return name
 
@@ -50,6 +57,7 @@ class Controller:
         self.restore_cbt: Callable[[Source], object] = lambda source: None
         self.forget_cbt: Callable[[Source], None] = lambda source: None
         self.event_listener: Callable[[], None] | None = None
+        self.on_destroyed: Callable[[Snapshot], Awaitable[None]] | None = None
         self.nursery: trio.Nursery | None = None
         self._growing: dict[int, trio.Event] = {}
 
@@ -80,19 +88,44 @@ class Controller:
         self.devices[name] = tracker
         return tracker
 
-    def forbidden_storage(self, st: os.stat_result) -> str | None:
-        """Why a storage (or its directory) at ``st`` may not be used, or None."""
-        if self.mount_dev is not None and st.st_dev == self.mount_dev:
-            return "inside the snapfs mount"
+    def guard(self) -> Guard:
+        """What storages and sources must not rest on (stack.py), as of now."""
+        guard = Guard(self.mount_dev)
         for t in self.devices.values():
             src = t.source.st
-            if stat.S_ISBLK(st.st_mode) and src.st_rdev and st.st_rdev == src.st_rdev:
-                return f"is the source of device {t.name}"
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino):
-                return f"is the source of device {t.name}"
-        return None
+            if stat.S_ISBLK(src.st_mode):
+                guard.bdevs[src.st_rdev] = t.name
+            else:
+                guard.files[src.st_dev, src.st_ino] = t.name
+        return guard
+
+    async def check_storage(self, snap: Snapshot) -> None:
+        """Re-check a snapshot's storage against the devices attached now (one may
+        have been attached after create). EINVAL naming the reason."""
+        st = os.fstat(snap.storage.fd)     # on this thread: destroy may close the fd
+        reason = await trio.to_thread.run_sync(self.guard().why_not, st, True)
+        if reason:
+            raise SnapfsError(errno.EINVAL, f"storage {snap.storage.description}: {reason}")
 
     # ----- commands ----------------------------------------------------------------
+
+    async def handle(self, data: bytes) -> tuple[int, bytes]:
+        """One write to the control file -> (errno, or 0 on success; the JSON reply).
+
+        Every input gets a reply: SnapfsError becomes its errno, anything else is a bug,
+        logged once with its traceback and answered with EIO.
+        """
+        try:
+            reply = {"ok": True} | await self.execute(command_line(data))
+            code = 0
+        except SnapfsError as exc:
+            reply = {"ok": False, "errno": exc.errno_name, "error": exc.message}
+            code = exc.errno
+        except Exception:
+            log.exception("internal error in command %r", bytes(data[:200]))
+            reply = {"ok": False, "errno": "EIO", "error": "internal error (see the log)"}
+            code = errno.EIO
+        return code, (json.dumps(reply) + "\n").encode()
 
     async def execute(self, line: str) -> dict:
         """Run one command line; return the reply fields (without "ok").
@@ -124,7 +157,7 @@ class Controller:
         check_name(name)
         if name in self.devices:
             raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
-        source = await trio.to_thread.run_sync(self._open_source, path)
+        source = await trio.to_thread.run_sync(open_source, absolute(path, "source"), self.guard())
         try:
             tracker = self.add_device(name, source)
         except BaseException:
@@ -132,16 +165,6 @@ class Controller:
             raise
         log.info("attached %s (%s, %d bytes)", name, source.path, source.size)
         return {"name": name, "size": tracker.capacity}
-
-    def _open_source(self, path: str) -> Source:
-        """Blocking: refuse paths inside the mount, then open."""
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"source {path}") from None
-        if self.mount_dev is not None and st.st_dev == self.mount_dev:
-            raise SnapfsError(errno.EINVAL, f"source {path} is inside the snapfs mount")
-        return Source.open(path)
 
     async def cmd_detach(self, name: str) -> dict:
         tracker = self.device(name)
@@ -170,13 +193,15 @@ class Controller:
         limit_bytes = parse_size(limit)
         if limit_bytes <= 0:
             raise SnapfsError(errno.EINVAL, "limit must be positive")
+        storage = absolute(storage, "storage")
         for name in names:
             self._check_addable(self.device(name), None)
         if len(set(names)) != len(names):
             raise SnapfsError(errno.EINVAL, "a device is listed twice")
+        guard = self.guard()
         store = await trio.to_thread.run_sync(
             DiffStorage.open, storage, limit_bytes, self.params.diff_storage_minimum,
-            self.forbidden_storage)
+            lambda st: guard.why_not(st, True))
         snap = Snapshot(store, self.params)
         try:
             for name in names:   # re-check: the registry may have changed during the await
@@ -204,7 +229,11 @@ class Controller:
         tracker = self.device(name)
         if snap.taking:
             raise SnapfsError(errno.EBUSY, f"snapshot {snap_id} is being taken")
-        snap.add(tracker)
+        self._check_addable(tracker, snap)
+        await self.check_storage(snap)
+        if snap.destroyed:
+            raise SnapfsError(errno.ESRCH, f"snapshot {snap_id} was destroyed meanwhile")
+        snap.add(self.device(name))   # re-checks: the registry may have changed meanwhile
         return {}
 
     async def cmd_snapshot_take(self, snap_id: str, option: str = "") -> dict:
@@ -215,6 +244,7 @@ class Controller:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap_id} is being taken")
         snap.taking = True
         try:
+            await self.check_storage(snap)
             frozen = await take(snap, lambda: self._device_files(snap),
                                 nofreeze=option == "nofreeze")
         finally:
@@ -232,6 +262,8 @@ class Controller:
         snap = self.snapshot(snap_id)
         del self.snapshots[snap_id]
         storage = snap.destroy()
+        if self.on_destroyed is not None:   # drop cached image pages before replying
+            await self.on_destroyed(snap)
         growing = self._growing.get(id(storage))
         if growing is not None:   # never close the fd under a running fallocate
             await growing.wait()
@@ -252,9 +284,8 @@ class Controller:
 
     async def cmd_snapshot_waitevent(self, snap_id: str, timeout_ms: str) -> dict:
         snap = self.snapshot(snap_id)
-        if not timeout_ms.isdigit():
-            raise SnapfsError(errno.EINVAL, f"bad timeout {timeout_ms!r}: milliseconds")
-        event = await wait_event(snap, int(timeout_ms) / 1000)
+        timeout = parse_number(timeout_ms, "timeout (milliseconds)", MAX_TIMEOUT_MS)
+        event = await wait_event(snap, timeout / 1000)
         return {"event": event}
 
     async def _grow(self, storage: DiffStorage) -> None:
@@ -272,6 +303,13 @@ class Controller:
         finally:
             del self._growing[id(storage)]
             done.set()
+
+    async def destroy_all(self) -> None:
+        """Stop's first step, on the trio thread: destroy every snapshot, so blocked
+        event readers get EOF and waiters ESRCH, and no request stays blocked."""
+        for snap_id in list(self.snapshots):
+            if snap_id in self.snapshots:
+                await self.cmd_snapshot_destroy(snap_id)
 
     # ----- status --------------------------------------------------------------------
 
@@ -312,15 +350,52 @@ async def wait_event(snap: Snapshot, seconds: float) -> dict:
     raise SnapfsError(errno.ETIMEDOUT, f"no event within {seconds * 1000:.0f} ms")
 
 
+def command_line(data: bytes) -> str:
+    """The one command line in one write: at most MAX_LINE bytes (E2BIG), UTF-8, no
+    NUL, one line (a trailing newline is allowed) (EINVAL)."""
+    if len(data) > MAX_LINE:
+        raise SnapfsError(errno.E2BIG, f"command longer than {MAX_LINE} bytes")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SnapfsError(errno.EINVAL, "command is not UTF-8 text") from None
+    text = text.rstrip("\r\n")
+    if "\n" in text or "\0" in text:
+        raise SnapfsError(errno.EINVAL, "one command per write, one line, no NUL bytes")
+    return text
+
+
+def absolute(path: str, what: str) -> str:
+    """Paths in commands name files as the daemon sees them: relative ones would resolve
+    against its working directory, so they are refused (the CLI sends absolute ones)."""
+    if not path.startswith("/"):
+        raise SnapfsError(errno.EINVAL, f"{what} path {path[:64]!r} is not absolute")
+    return path
+
+
+def open_source(path: str, guard: Guard) -> Source:
+    """Blocking: refuse a source the data path would wait on itself through (stack.py),
+    then open it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"source {path}") from None
+    reason = guard.why_not(st, False)
+    if reason:
+        raise SnapfsError(errno.EINVAL, f"source {path} {reason}")
+    return Source.open(path)
+
+
 def _parse_range(text: str, capacity: int) -> tuple[int, int]:
     """``SECTOR:COUNT`` (512-byte sectors) -> (offset, length) in bytes; EINVAL if
     malformed or outside the device."""
-    m = re.match(r"^(\d+):(\d+)$", text)
-    if not m:
-        raise SnapfsError(errno.EINVAL, f"bad range {text!r}: use SECTOR:COUNT")
-    offset, length = int(m.group(1)) * SECTOR, int(m.group(2)) * SECTOR
+    sector, sep, count = text.partition(":")
+    if not sep:
+        raise SnapfsError(errno.EINVAL, f"bad range {text[:64]!r}: use SECTOR:COUNT")
+    offset = parse_number(sector, "sector") * SECTOR
+    length = parse_number(count, "sector count") * SECTOR
     if length == 0 or offset + length > capacity:
-        raise SnapfsError(errno.EINVAL, f"range {text} is outside the device ({capacity} bytes)")
+        raise SnapfsError(errno.EINVAL, f"range {text[:64]} is outside the device ({capacity} bytes)")
     return offset, length
 
 

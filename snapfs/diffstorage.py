@@ -21,6 +21,7 @@ which marks the device image corrupted; they never reach the original's writer.
 """
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -36,7 +37,7 @@ class DiffStorage:
     ``grow_blocking`` (worker thread) and ``open`` (worker thread, before sharing)."""
 
     def __init__(self, fd: int, description: str, capacity: int, limit: int, minimum: int,
-                 remove_path: str | None = None, growable: bool = True):
+                 growable: bool = True):
         self.fd = fd
         self.description = description
         self.capacity = capacity
@@ -45,7 +46,6 @@ class DiffStorage:
         self.minimum = minimum
         self.filled = 0
         self.overflow = False
-        self.remove_path = remove_path
         self.growable = growable
         self.closed = False
         self.retired = False        # destroy began: no new growth may start
@@ -67,20 +67,18 @@ class DiffStorage:
         Raises SnapfsError: EINVAL (bad kind, forbidden), ENOSPC (an existing small file
         already bigger than ``limit``, or no room for the first portion), ENOENT/EACCES.
         """
-        fd, desc, remove, growable = cls._open_target(target, forbidden)
+        fd, desc, growable = cls._open_target(target, forbidden)
         try:
             capacity = os.lseek(fd, 0, os.SEEK_END)
-            storage = cls(fd, desc, capacity, limit, minimum, remove, growable)
+            storage = cls(fd, desc, capacity, limit, minimum, growable)
             storage._initial_size()
             return storage
         except BaseException:
             os.close(fd)
-            if remove:
-                os.unlink(remove)
             raise
 
     @staticmethod
-    def _open_target(target: str, forbidden) -> tuple[int, str, str | None, bool]:
+    def _open_target(target: str, forbidden) -> tuple[int, str, bool]:
         try:
             st = os.stat(target)
         except FileNotFoundError:
@@ -92,17 +90,18 @@ class DiffStorage:
         if reason:
             raise SnapfsError(errno.EINVAL, f"storage {target}: {reason}")
         try:
-            if st is None:
+            if st is None:   # unlinked at once: a crash can leave nothing behind
                 fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                return fd, target, target, True
+                os.unlink(target)
+                return fd, f"{target} (unlinked)", True
             if stat.S_ISDIR(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-                return fd, f"tmpfile in {target}", None, True
+                return fd, f"tmpfile in {target}", True
             if stat.S_ISREG(st.st_mode):
-                return os.open(target, os.O_RDWR | os.O_CLOEXEC), target, None, True
+                return _locked(os.open(target, os.O_RDWR | os.O_CLOEXEC), target), target, True
             if stat.S_ISBLK(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-                return fd, target, None, False
+                return fd, target, False
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"storage {target}") from None
         raise SnapfsError(errno.EINVAL, f"storage {target}: not a directory, file or block device")
@@ -202,16 +201,12 @@ class DiffStorage:
         self.on_grow = None
 
     def close(self) -> None:
-        """Release the storage: close it, remove a file snapfs created. Idempotent."""
+        """Release the storage: close it (a file snapfs created has no name left, so
+        its space is freed now). Idempotent."""
         if self.closed:
             return
         self.closed = True
         os.close(self.fd)
-        if self.remove_path:
-            try:
-                os.unlink(self.remove_path)
-            except OSError as exc:
-                log.warning("removing storage %s: %s", self.remove_path, exc)
 
     def statistics(self) -> dict:
         return {
@@ -222,6 +217,20 @@ class DiffStorage:
             "limit": self.limit,
             "overflow": self.overflow,
         }
+
+
+def _locked(fd: int, target: str) -> int:
+    """Hold an exclusive flock on an existing storage file for the snapshot's life: a
+    second snapshot (of this or another snapfs) naming the same file would overwrite
+    its slots. The lock goes with the fd, so a crash releases it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise SnapfsError(errno.EBUSY, f"storage {target} is in use by another snapshot") from None
+        raise
+    return fd
 
 
 def _stat_parent(path: str) -> os.stat_result:

@@ -10,69 +10,51 @@ run in a worker thread while the FUSE loop keeps serving.
 import fcntl
 import logging
 import os
-import struct
+
+from . import mountinfo
+from .stack import loop_backing
 
 log = logging.getLogger(__name__)
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
-LOOP_GET_STATUS64 = 0x4C05
-_LOOP_INFO64_SIZE = 232
 
 
 def loop_devices_backed_by(files: set[tuple[int, int]]) -> list[str]:
     """Names of loop devices (``loop3``) whose backing file is one of ``files``,
     given as (st_dev, st_ino) pairs."""
-    found = []
-    for name in sorted(os.listdir("/sys/block")):
-        if not name.startswith("loop") or not os.path.exists(f"/sys/block/{name}/loop"):
-            continue
-        try:
-            fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                buf = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
-            finally:
-                os.close(fd)
-        except OSError:
-            continue
-        dev, ino = struct.unpack_from("QQ", buf)
-        if (dev, ino) in files:
-            found.append(name)
-    return found
+    return [name for name in sorted(os.listdir("/sys/block"))
+            if name.startswith("loop") and os.path.exists(f"/sys/block/{name}/loop")
+            and loop_backing(name) in files]
 
 
-def _block_numbers(loop: str) -> set[str]:
-    """``maj:min`` of the loop device and of its partitions."""
+def _block_numbers(loop: str) -> set[int]:
+    """Device numbers of the loop device and of its partitions."""
     base = f"/sys/block/{loop}"
     numbers = set()
     for entry in [base] + [f"{base}/{p}" for p in os.listdir(base) if p.startswith(loop + "p")]:
         try:
             with open(f"{entry}/dev") as f:
-                numbers.add(f.read().strip())
-        except OSError:
+                major, minor = f.read().strip().split(":")
+            numbers.add(os.makedev(int(major), int(minor)))
+        except (OSError, ValueError):
             pass
     return numbers
 
 
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
-def mounts_of(numbers: set[str]) -> list[str]:
-    """One mount point per filesystem (by ``maj:min``) among ``numbers``."""
+def mounts_of(numbers: set[int]) -> list[str]:
+    """One mount point per filesystem (by device number) among ``numbers``."""
     seen, points = set(), []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] in numbers and fields[2] not in seen:
-                seen.add(fields[2])
-                points.append(_unescape(fields[4]))
+    for m in mountinfo.mounts():
+        if m.dev in numbers and m.dev not in seen:
+            seen.add(m.dev)
+            points.append(m.mountpoint)
     return points
 
 
 def stacked_mounts(files: set[tuple[int, int]]) -> list[str]:
     """Mount points of filesystems stacked on the given device files."""
-    numbers: set[str] = set()
+    numbers: set[int] = set()
     for loop in loop_devices_backed_by(files):
         numbers |= _block_numbers(loop)
     return mounts_of(numbers) if numbers else []

@@ -106,6 +106,7 @@ class Operations(pyfuse3.Operations):
         self._events_changed = trio.Event()
         controller.inode_of_device = self._device_inode
         controller.event_listener = self.events_changed
+        controller.on_destroyed = self.snapshot_destroyed
 
     # ----- the tree -----------------------------------------------------------------
 
@@ -174,8 +175,12 @@ class Operations(pyfuse3.Operations):
             a.entry_timeout = a.attr_timeout = 1
         elif kind == "control":
             a.st_mode = stat.S_IFREG | 0o600
-        elif kind == "cbtmap":
-            a.st_mode, size = stat.S_IFREG | 0o444, node.key[1].cbt.block_count
+        elif kind in ("status", "info"):         # they name sources and storage: owner only
+            a.st_mode = stat.S_IFREG | 0o400
+        elif kind in ("cbtinfo", "cbtmap"):      # who changed what when: as private as the data
+            src = node.key[1].source.st
+            a.st_mode, a.st_uid, a.st_gid = stat.S_IFREG | src.st_mode & 0o444, src.st_uid, src.st_gid
+            size = node.key[1].cbt.block_count if kind == "cbtmap" else 0
         else:
             a.st_mode = stat.S_IFREG | 0o444
         a.st_size = size
@@ -363,15 +368,23 @@ class Operations(pyfuse3.Operations):
         raise _err(errno.EBADF, "read-only file")
 
     async def _command(self, handle: Handle, buf: bytes) -> int:
-        """One command per write; the JSON reply waits on the handle."""
-        try:
-            line = _command_line(buf)
-            reply = {"ok": True} | await self.ctl.execute(line)
-        except SnapfsError as exc:
-            handle.reply = _json({"ok": False, "errno": exc.errno_name, "error": exc.message})
-            raise
-        handle.reply = _json(reply)
+        """One command per write; the JSON reply waits on the handle, the write fails
+        with the command's errno."""
+        code, handle.reply = await self.ctl.handle(buf)
+        if code:
+            raise pyfuse3.FUSEError(code)
         return len(buf)
+
+    async def snapshot_destroyed(self, snap) -> None:
+        """Destroy hook: drop the kernel's cached pages of the snapshot's images, so an
+        open image handle cannot read them after destroy (in a thread: the kernel may
+        wait for a read of that image that this loop must answer)."""
+        inodes = [inode for key, inode in self._by_key.items() if key[0] == "image" and key[1] is snap]
+        for inode in inodes:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+            except OSError as exc:     # ENOENT: the kernel never looked it up
+                log.debug("invalidating image inode %d: %s", inode, exc)
 
     @_fuse_errors
     async def poll(self, inode, fh, poll_handle, ctx):
@@ -383,17 +396,6 @@ class Operations(pyfuse3.Operations):
             return select.POLLIN
         handle.poll_handle = poll_handle
         return 0
-
-
-def _command_line(buf: bytes) -> str:
-    try:
-        text = bytes(buf).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _err(errno.EINVAL, "command is not UTF-8 text") from None
-    text = text.rstrip("\r\n")
-    if "\n" in text or "\0" in text:
-        raise _err(errno.EINVAL, "one command per write, one line, no NUL bytes")
-    return text
 
 
 def _json(obj) -> bytes:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from . import mountinfo
 from .control import Controller, check_name
 from .errors import SnapfsError
 from .fs import Operations
 from .params import Params
+from .source import Source
 from .state import StateStore
-from .tracker import Source
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,26 @@ def check_source(path: str) -> None:
         raise SnapfsError(errno.EINVAL, f"source {path} is not a regular file or block device")
 
 
+def check_state_dir(path: str) -> str:
+    """The state directory (CBT is saved there at a clean stop) must be a writable
+    directory; it is created (0700) when missing. Returns the absolute path."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise SnapfsError(errno.ENOTDIR, f"state directory {path} is not a directory")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"state directory {path}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SnapfsError(errno.EACCES, f"state directory {path} is not writable")
+    return path
+
+
 def build(config: MountConfig) -> tuple[Controller, StateStore]:
     """Open every source and restore its CBT. Raises SnapfsError, closing what it
     opened."""
     mountpoint = check_mountpoint(config.mountpoint)
+    config.state_dir = check_state_dir(config.state_dir)
     pairs = parse_sources(config.sources)
     for _, path in pairs:
         check_source(path)
@@ -106,13 +123,8 @@ def close_sources(controller: Controller) -> None:
 def mount_dev(mountpoint: str) -> int | None:
     """st_dev of the FUSE mount at ``mountpoint`` (from mountinfo: never stat our own
     mount from the thread that serves it)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint:
-                major, minor = fields[2].split(":")
-                return os.makedev(int(major), int(minor))
-    return None
+    found = mountinfo.at(mountpoint)
+    return found.dev if found else None
 
 
 def run(config: MountConfig, ready=None) -> int:
@@ -146,7 +158,7 @@ def run(config: MountConfig, ready=None) -> int:
 async def serve(controller: Controller, ready) -> None:
     async with trio.open_nursery() as nursery:
         controller.nursery = nursery
-        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_stop_on_signals, controller, nursery.cancel_scope)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
         log.info("serving %s with %d devices", controller.mountpoint, len(controller.devices))
@@ -158,12 +170,24 @@ async def _call_ready(ready) -> None:
     ready()
 
 
-async def _stop_on_signals() -> None:
+STOP_GRACE = 3.0   # seconds the request loop gets to finish after a stop signal
+
+
+async def _stop_on_signals(controller: Controller, scope: trio.CancelScope) -> None:
+    """SIGINT/SIGTERM: destroy the snapshots first (blocked event reads end with EOF,
+    waitevents with ESRCH), then end the request loop. A request still blocked after
+    STOP_GRACE is cancelled (the kernel fails it once the daemon closes /dev/fuse), so
+    a stop always ends and the CBT is saved."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+            break
+    with trio.move_on_after(STOP_GRACE):
+        await controller.destroy_all()
+    pyfuse3.terminate()
+    await trio.sleep(STOP_GRACE)
+    log.warning("requests still blocked %.0f s after the stop signal: cancelling them", STOP_GRACE)
+    scope.cancel()
 
 
 def stop_cleanly(controller: Controller, state: StateStore) -> None:

@@ -17,19 +17,33 @@ TRACKING_BLOCK_MAXIMUM = 64 * MiB
 PAGE = 4096
 SECTOR = 512
 
+MAX_BYTES = (1 << 63) - 1     # every size and offset fits a signed 64-bit off_t
+
 _SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"([0-9]{1,20})([KMGT]?)(?:i?B)?", re.IGNORECASE | re.ASCII)
+_NUMBER_RE = re.compile(r"[0-9]{1,20}", re.ASCII)
 
 
 def parse_size(text: str) -> int:
     """Parse ``"256K"``, ``"1G"``, ``"4096"`` (binary units) into bytes.
 
-    Raises SnapfsError(EINVAL) for anything else, including zero-size overflow tricks.
+    ASCII digits only, at most 20 of them, and at most MAX_BYTES: anything else raises
+    SnapfsError(EINVAL).
     """
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise SnapfsError(errno.EINVAL, f"bad size {text!r}: use a number with K, M, G or T")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    m = _SIZE_RE.fullmatch(text.strip())
+    value = int(m.group(1)) * _SUFFIX[m.group(2).upper()] if m else -1
+    if not 0 <= value <= MAX_BYTES:
+        raise SnapfsError(errno.EINVAL, f"bad size {text[:64]!r}: use a number with K, M, G or T")
+    return value
+
+
+def parse_number(text: str, what: str, maximum: int = MAX_BYTES) -> int:
+    """A decimal number of ASCII digits from 0 to ``maximum``; SnapfsError(EINVAL)
+    naming ``what`` otherwise (never int()'s digit-limit or Unicode-digit surprises)."""
+    value = int(text) if _NUMBER_RE.fullmatch(text) else -1
+    if not 0 <= value <= maximum:
+        raise SnapfsError(errno.EINVAL, f"bad {what} {text[:64]!r}: use 0 to {maximum}")
+    return value
 
 
 def _is_power_of_two(n: int) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import asdict
 
 from .cbt import CBT
 from .params import Params, tracking_block_size
-from .tracker import Identity, Source
+from .source import Identity, Source
 
 log = logging.getLogger(__name__)
 

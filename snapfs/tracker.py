@@ -12,13 +12,8 @@ The gate implements take's "stop admitting writes, wait for in-flight ones"
 (DESIGN.md section 5 step 2). It is the only trio-aware part of the core.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import logging
-import os
-import stat
-from dataclasses import dataclass
 
 import trio
 
@@ -26,102 +21,9 @@ from .cbt import CBT
 from .diffarea import DiffArea
 from .errors import SnapfsError
 from .params import Params, tracking_block_size
+from .source import Source
 
 log = logging.getLogger(__name__)
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What identifies a source across restarts (state.py compares these)."""
-
-    path: str
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    kind: str   # "file" or "bdev"
-
-
-class Source:
-    """An open device source (regular file or block device) with a fixed size."""
-
-    def __init__(self, path: str, fd: int, size: int, st: os.stat_result, kind: str):
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.st = st
-        self.kind = kind
-
-    @classmethod
-    def open(cls, path: str) -> "Source":
-        """Open ``path`` read/write (blocking; call from a thread or before the loop).
-
-        Raises SnapfsError: ENOENT/EACCES from the OS; EINVAL not a regular file or
-        block device, or empty. Block devices are opened O_EXCL so nothing can mount
-        them behind the tracker's back.
-        """
-        path = os.path.realpath(path)
-        try:
-            st = os.stat(path)
-            if stat.S_ISREG(st.st_mode):
-                kind, flags = "file", 0
-            elif stat.S_ISBLK(st.st_mode):
-                kind, flags = "bdev", os.O_EXCL
-            else:
-                raise SnapfsError(errno.EINVAL, f"{path} is not a regular file or block device")
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
-        except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"opening {path}") from None
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if size == 0:
-            os.close(fd)
-            raise SnapfsError(errno.EINVAL, f"{path} is empty")
-        return cls(path, fd, size, st, kind)
-
-    def identity(self) -> Identity:
-        st = os.fstat(self.fd)
-        return Identity(self.path, st.st_dev, st.st_ino, self.size, st.st_mtime_ns, self.kind)
-
-    def pread(self, offset: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, offset)
-        if len(data) != size:
-            raise OSError(errno.EIO, f"short read from {self.path}")
-        return data
-
-    def pwrite(self, offset: int, data) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def fsync(self) -> None:
-        """Make the data durable. fdatasync: a preallocated source needs no journal
-        commit for its data, and a commit would stall concurrent writers."""
-        os.fdatasync(self.fd)
-
-    def punch(self, offset: int, length: int) -> None:
-        """Deallocate a range (reads return zeros afterwards)."""
-        if self.kind == "file":
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        else:
-            self.pwrite(offset, bytes(length))
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); OSError on failure."""
-    if _LIBC.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 class WriteGate:

@@ -35,8 +35,8 @@ requires_fuse = pytest.mark.skipif(fuse_works() is not None, reason=fuse_works()
 
 
 def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    from snapfs import mountinfo
+    return mountinfo.at(path) is not None
 
 
 class SnapMount:
@@ -66,6 +66,8 @@ class SnapMount:
             if time.monotonic() > deadline:
                 raise RuntimeError("snapfs did not mount within 15 s")
             time.sleep(0.02)
+        from snapfs import mountinfo
+        self.connection = os.minor(mountinfo.at(self.path).dev)   # for abort_connection
         # the mount exists once init returns; wait until the loop answers
         while True:
             try:
@@ -154,8 +156,58 @@ class SnapMount:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                self.abort_connection()       # a daemon waiting on its own mount
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(timeout=30)
+
+    def abort_connection(self) -> None:
+        """Abort this mount's FUSE connection, even after a lazy unmount."""
+        abort_fuse(self.path, getattr(self, "connection", None))
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_fuse(path: str, connection: int | None = None) -> None:
+    """Abort the FUSE connection of the mount at ``path`` (or number ``connection``,
+    fusectl's ``abort``): every request blocked on it fails at once, so a hung test can
+    clean up."""
+    from snapfs import mountinfo
+    found = mountinfo.at(path)
+    if found is not None:
+        connection = os.minor(found.dev)
+    if connection is None:
+        return
+    if not os.path.isdir(FUSECTL) or not os.listdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=False, capture_output=True)
+    with contextlib.suppress(OSError), open(f"{FUSECTL}/{connection}/abort", "w") as f:
+        f.write("1")
+
+
+def bounded(fn, seconds: float, on_timeout):
+    """Run ``fn()`` in a thread; if it has not returned within ``seconds``, call
+    ``on_timeout()`` (which must unblock it, e.g. ``abort_fuse``) and fail the test.
+    So a regression that hangs a mount fails instead of hanging CI."""
+    import threading
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        on_timeout()
+        thread.join(10)
+        pytest.fail(f"{getattr(fn, '__name__', fn)} did not finish within {seconds} s "
+                    "(the FUSE connection was aborted)")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def _read_all(fd: int) -> bytes:

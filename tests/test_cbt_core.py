@@ -15,8 +15,8 @@ import pytest
 
 from snapfs.cbt import CBT, MAX_NUMBER
 from snapfs.params import GiB, KiB, MiB, Params, TiB, tracking_block_size
+from snapfs.source import Source
 from snapfs.state import StateStore
-from snapfs.tracker import Source
 
 BS = 64 * KiB
 

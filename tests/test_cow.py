@@ -60,7 +60,7 @@ def assert_image(m, image: str, initial: bytes, writers, t0: float, t1: float) -
 
 
 def test_image_equals_take_time_content_under_writers(mounter, tmp_path, storage_dir):
-    size = 48 * MiB + 12_345          # not a chunk multiple: short last chunk
+    size = 48 * MiB + 12_288          # not a chunk multiple: short last chunk
     src = tmp_path / "d0.img"
     initial = make_device(src, size, seed=7)
     m = mounter({"d0": str(src)})
@@ -173,7 +173,7 @@ def test_boundaries(mounter, tmp_path, storage_dir, where):
     """blksnap test_boundary: first/last block of chunks written on the device or on the
     image; neighbours untouched; writes straddling a chunk border on the image; the
     short last chunk."""
-    size = 4 * MiB + 1234 * 512 + 100     # last chunk short and not sector-aligned
+    size = 4 * MiB + 1234 * 512     # last chunk short (sources are whole sectors)
     src = tmp_path / "d.img"
     initial = make_device(src, size, seed=3)
     m = mounter({"d": str(src)})

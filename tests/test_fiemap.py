@@ -32,11 +32,6 @@ def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
 @contextlib.contextmanager
 def loop_fs(tmp_path: Path, size: int = 32 * MiB, mkfs: tuple[str, ...] = (), offset: int = 0,
             partition_start: int | None = None):

@@ -28,7 +28,7 @@ from snapfs.diffstorage import DiffStorage
 from snapfs.errors import SnapfsError
 from snapfs.events import EventLog
 from snapfs.params import KiB, MiB, Params
-from snapfs.tracker import Source
+from snapfs.source import Source
 
 CHUNK = 64 * KiB
 # small portions so growth and overflow happen within a few MiB
@@ -234,7 +234,8 @@ async def test_destroy_always_works_and_removes_named_storage(env):
     named = env.tmp / "diff.bin"
     snap = await env.snapshot("8M", "d", "e", storage=str(named))
     storage = snap.storage
-    assert storage.description == str(named) and named.stat().st_size == 1 * MiB
+    assert storage.description == f"{named} (unlinked)" and not named.exists()
+    assert os.fstat(storage.fd).st_size == 1 * MiB
     storage.fault = Fault("write")
     await env.touch_chunks("d", [0])
     await env.touch_chunks("e", [0])
@@ -526,10 +527,10 @@ def test_diffstorage_alloc_never_exceeds_limit(tmp_path):
         assert offsets == list(range(0, 5 * MiB, CHUNK))       # in order, never reused
         assert no_space == [5 * MiB]
         assert s.capacity == s.requested == s.filled == 5 * MiB
-        assert target.stat().st_size == 5 * MiB
+        assert os.fstat(s.fd).st_size == 5 * MiB
         with pytest.raises(SnapfsError):                       # sticky
             s.alloc(1)
-        assert s.statistics() == {"storage": str(target), "size": 5 * MiB, "requested": 5 * MiB,
+        assert s.statistics() == {"storage": f"{target} (unlinked)", "size": 5 * MiB, "requested": 5 * MiB,
                                   "used": 5 * MiB, "limit": 5 * MiB, "overflow": True}
     finally:
         s.close()

@@ -9,7 +9,8 @@ import trio.testing
 from snapfs.diffstorage import DiffStorage
 from snapfs.params import Params
 from snapfs.snapshot import Snapshot
-from snapfs.tracker import Source, Tracker
+from snapfs.source import Source
+from snapfs.tracker import Tracker
 
 MiB = 1024 * 1024
 PARAMS = Params(chunk_minimum=64 * 1024, diff_storage_minimum=8 * MiB)
@@ -81,7 +82,7 @@ async def test_image_reads_across_stored_runs(tmp_path):
     read. Chunks copied in the order 2,3,4,1,6,7,8,0 (so chunks 2-4 and 6-8 have
     consecutive slots, 0 and 1 do not, 5 is not copied): reads at every unaligned
     start and length over them must still return the take-time bytes."""
-    tracker, snap, data = make(tmp_path, size=8 * 64 * 1024 + 1000)   # partial last chunk
+    tracker, snap, data = make(tmp_path, size=8 * 64 * 1024 + 1024)   # partial last chunk
     snap.switch()
     cs = snap.areas["d"].chunk_size
     for chunk in (2, 3, 4, 1, 6, 7, 8, 0):

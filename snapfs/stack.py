@@ -1,0 +1,164 @@
+"""What a file or a block device rests on, and which of those a mount must refuse.
+
+A filesystem lives on a block device (``st_dev``); a partition on its whole disk; a
+loop device on a backing file, which lives on a filesystem again, to any depth.
+``layers`` walks that chain down from a device number, using only sysfs and the
+loop ioctl (never the paths in between, which may lie in another mount namespace or
+inside the very FUSE mount that is asking).
+
+``Guard.why_not`` is the one rule that keeps the data path from waiting on itself:
+a difference storage or a source must not rest on this mount (a copy would be a
+request to the thread that is making it: recursion, and with freeze a deadlock), nor
+on a device source (it would write that source behind the tracker), and a storage
+must not be on any snapfs mount (two daemons can then wait on each other). Calls
+here block (sysfs reads, opening ``/dev/loopN``): run them in a worker thread.
+"""
+
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from . import mountinfo
+
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64_SIZE = 232
+MAX_DEPTH = 16
+SNAPFS_FSTYPE = "fuse.snapfs"
+# kernel interfaces, not storage: a "file" there may be /proc/self/mem
+PSEUDO_FSTYPES = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                  "configfs", "fusectl", "devpts", "mqueue", "bpf", "pstore", "efivarfs",
+                  "binfmt_misc", "nsfs", "autofs", "rpc_pipefs", "hugetlbfs"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One device in a chain: its number, its name (``loop3``, ``sda1``, ``0:45`` for a
+    device with no block device behind it) and, for a loop device, the (st_dev, st_ino)
+    and path of its backing file."""
+
+    dev: int
+    name: str
+    backing: tuple[int, int] | None = None
+    backing_path: str = ""
+
+
+def loop_backing(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind loop device ``name``, None if unbound or
+    unreadable."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
+        finally:
+            os.close(fd)
+    except OSError:
+        return _backing_by_path(name)
+    dev, ino = struct.unpack_from("QQ", buf)
+    return (dev, ino) if ino else None
+
+
+def _backing_by_path(name: str) -> tuple[int, int] | None:
+    path = _read(f"/sys/block/{name}/loop/backing_file")
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _block_dir(dev: int) -> str | None:
+    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def _device_layers(dev: int) -> list[Layer]:
+    """``dev`` and, for a partition, its whole disk; the loop backing on the disk."""
+    sysdir = _block_dir(dev)
+    if sysdir is None:
+        return [Layer(dev, f"{os.major(dev)}:{os.minor(dev)}")]
+    found = []
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        found.append(Layer(dev, os.path.basename(sysdir)))
+        sysdir = os.path.dirname(sysdir)
+        major, _, minor = _read(os.path.join(sysdir, "dev")).partition(":")
+        dev = os.makedev(int(major), int(minor)) if minor else dev
+    name = os.path.basename(sysdir)
+    backing = loop_backing(name) if os.path.isdir(os.path.join(sysdir, "loop")) else None
+    path = _read(os.path.join(sysdir, "loop", "backing_file")) if backing else ""
+    found.append(Layer(dev, name, backing, path))
+    return found
+
+
+def layers(dev: int) -> list[Layer]:
+    """The chain below device number ``dev``, top first, at most MAX_DEPTH loops deep."""
+    chain: list[Layer] = []
+    seen: set[int] = set()
+    while dev not in seen and len(seen) < MAX_DEPTH:
+        seen.add(dev)
+        chain += _device_layers(dev)
+        backing = chain[-1].backing
+        if backing is None:
+            break
+        dev = backing[0]
+    return chain
+
+
+@dataclass
+class Guard:
+    """What the data path of one mount rests on: the mount's device number and the
+    device sources (regular files by (st_dev, st_ino), block devices by rdev), each
+    mapped to its device name. Built on the trio thread, used in a worker thread."""
+
+    mount_dev: int | None
+    files: dict[tuple[int, int], str] = field(default_factory=dict)
+    bdevs: dict[int, str] = field(default_factory=dict)
+
+    def why_not(self, st: os.stat_result, storage: bool) -> str | None:
+        """Why a storage (``storage``) or a source with stat ``st`` must be refused,
+        or None. For a directory, ``st`` is the directory a new file goes into."""
+        if storage:
+            same = self._same_source(st)
+            if same:
+                return same
+        is_bdev = stat.S_ISBLK(st.st_mode)
+        fstypes = {m.dev: m.fstype for m in mountinfo.mounts()}
+        for i, layer in enumerate(layers(st.st_rdev if is_bdev else st.st_dev)):
+            reason = self._layer_reason(layer, fstypes, storage, own=i == 0 and is_bdev)
+            if reason:
+                return reason
+        return None
+
+    def _same_source(self, st: os.stat_result) -> str | None:
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev in self.bdevs:
+            return f"is the source of device {self.bdevs[st.st_rdev]}"
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in self.files:
+            return f"is the source of device {self.files[st.st_dev, st.st_ino]}"
+        return None
+
+    def _layer_reason(self, layer: Layer, fstypes: dict[int, str], storage: bool,
+                      own: bool) -> str | None:
+        if self.mount_dev is not None and layer.dev == self.mount_dev:
+            return "is inside this snapfs mount"
+        if storage and fstypes.get(layer.dev) == SNAPFS_FSTYPE:
+            return "is on a snapfs mount (two daemons could wait on each other)"
+        if storage and fstypes.get(layer.dev) in PSEUDO_FSTYPES:
+            return f"is on a {fstypes[layer.dev]} filesystem, not storage"
+        if layer.dev in self.bdevs and not own:
+            return f"rests on {layer.name}, the source of device {self.bdevs[layer.dev]}"
+        if layer.backing in self.files:
+            return (f"rests on {layer.name}, a loop device over the source of device "
+                    f"{self.files[layer.backing]}")
+        if layer.backing and self.mount_dev is not None and layer.backing[0] == self.mount_dev:
+            where = layer.backing_path or "a file"
+            return f"rests on {layer.name}, a loop device over {where} in this snapfs mount"
+        return None

@@ -1,0 +1,372 @@
+"""Hostile input and hangs: storage or sources the data path would wait on itself
+through, clean stops with blocked readers, bounded and validated control input, and
+the smaller holes (relative paths, bad state dirs, odd sizes, cached image pages).
+
+Whatever could hang the mount runs under ``bounded``: on a timeout it aborts the FUSE
+connection and thaws, so a regression fails the test instead of hanging CI.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import abort_fuse, bounded, is_mounted, make_device, requires_fuse
+
+pytestmark = requires_fuse
+
+MiB = 1 << 20
+SNAPFS = [sys.executable, "-m", "snapfs"]
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def snapfs(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAPFS, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def sparse(path: Path, size: int) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+@contextlib.contextmanager
+def ext4_on_loop(backing: str, mnt: Path):
+    """ext4 on a loop device over ``backing``; always thawed, unmounted, detached."""
+    mnt.mkdir()
+    loop = run("losetup", "--find", "--show", backing)
+    try:
+        run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop)
+        run("mount", loop, str(mnt))
+        yield loop
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30)
+
+
+def unhang(m, *frozen: str):
+    def abort():
+        abort_fuse(m.path)
+        for mnt in frozen:
+            subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, timeout=30)
+    return abort
+
+
+# ----- 1. nothing the data path could wait on itself through ---------------------------------
+
+def test_storage_on_a_filesystem_stacked_on_a_member_is_refused(mounter, tmp_path):
+    """The reported deadlock: storage on the ext4 that sits, through a loop device, on
+    the device being snapshotted. Refused at create (EINVAL naming the loop device and
+    the device file); if a regression lets it through, the take that would deadlock
+    runs bounded and the FUSE connection is aborted."""
+    m = mounter({"fs": sparse(tmp_path / "fs.img", 64 * MiB)})
+    fsmnt = tmp_path / "fsmnt"
+    with ext4_on_loop(m.dev("fs"), fsmnt) as loop:
+        (fsmnt / "store").mkdir()
+        for store in (fsmnt / "store", fsmnt / "store" / "diff.bin"):
+            def attempt(store=store):
+                reply = m.ctl(f"snapshot_create {store} 64M fs")
+                if reply["ok"]:
+                    m.ctl(f"snapshot_take {reply['id']}")
+                return reply
+            reply = bounded(attempt, 20, unhang(m, str(fsmnt)))
+            assert reply["errno"] == "EINVAL", reply
+            name = os.path.basename(loop)
+            assert name in reply["error"] and m.dev("fs") in reply["error"], reply
+        assert m.ok("snapshot_collect")["ids"] == []
+
+
+def test_sources_the_data_path_would_wait_on_are_refused(mounter, tmp_path):
+    """A file in a filesystem stacked on a device of this mount, and a loop device over
+    a device file, as sources: every write would come back into this mount."""
+    m = mounter({"fs": sparse(tmp_path / "fs.img", 64 * MiB)})
+    fsmnt = tmp_path / "fsmnt"
+    with ext4_on_loop(m.dev("fs"), fsmnt) as loop:
+        inner = sparse(fsmnt / "inner.img", MiB)
+        def attach(name, path):
+            reply = m.ctl(f"attach {name} {path}")
+            if reply["ok"]:          # a regression: never let its stop fsync into itself
+                m.ctl(f"detach {name}")
+            return reply
+        for path in (inner, loop):
+            reply = bounded(lambda path=path: attach("x", path), 20, unhang(m))
+            assert reply["errno"] == "EINVAL" and "in this snapfs mount" in reply["error"], reply
+        bare = run("losetup", "--find", "--show", m.dev("fs"))   # not mounted: not EBUSY either
+        try:
+            reply = bounded(lambda: attach("y", bare), 20, unhang(m))
+            assert reply["errno"] == "EINVAL" and os.path.basename(bare) in reply["error"], reply
+        finally:
+            run("losetup", "-d", bare)
+    assert sorted(m.ok("status")["devices"]) == ["fs"]
+
+
+def test_storage_over_a_source_attached_later_is_refused_at_add_and_take(mounter, tmp_path, device):
+    """Storage on ext4 over a loop over a plain file is fine, until that file is
+    attached as a device: then the storage's writes would change a source behind its
+    tracker. snapshot_add and snapshot_take check again and refuse."""
+    host = sparse(tmp_path / "host.img", 32 * MiB)
+    m = mounter({"d0": device[0], "d1": sparse(tmp_path / "d1.img", MiB)})
+    hostmnt = tmp_path / "hostmnt"
+    with ext4_on_loop(host, hostmnt) as loop:
+        store = hostmnt / "store"
+        store.mkdir()
+        full = m.ok(f"snapshot_create {store} 16M d0")["id"]
+        empty = m.ok(f"snapshot_create {store} 16M")["id"]
+        m.ok(f"attach h {host}")
+        for line in (f"snapshot_take {full} nofreeze", f"snapshot_add {empty} d1"):
+            reply = m.ctl(line)
+            assert reply["errno"] == "EINVAL", (line, reply)
+            assert os.path.basename(loop) in reply["error"] and "device h" in reply["error"], reply
+        assert m.ok("snapshot_info d0")["id"] == full
+        m.ok(f"snapshot_destroy {full}")
+        m.ok(f"snapshot_destroy {empty}")
+        m.ok("detach h")
+
+
+def test_storage_on_a_snapfs_mount_or_a_pseudo_filesystem_is_refused(mounter, tmp_path, device):
+    m = mounter({"d0": device[0]})
+    other = mounter({"x": sparse(tmp_path / "x.img", MiB)})
+    for store in (other.path, other.p("devices"), other.dev("x"), "/proc/self/mem", "/sys/kernel"):
+        reply = m.ctl(f"snapshot_create {store} 16M d0")
+        assert reply["errno"] == "EINVAL", (store, reply)
+    assert m.ok("snapshot_collect")["ids"] == []
+
+
+# ----- 2. a clean stop ends, whatever readers are blocked ------------------------------------
+
+WAITER = """
+import errno, json, sys
+from snapfs.cli import send
+try:
+    print(send(sys.argv[1], sys.argv[2])["errno"], flush=True)
+except OSError as exc:      # the mount went away before the reply was read
+    print(errno.errorcode[exc.errno], flush=True)
+"""
+
+
+def blocked_readers(m, snap: str, waiter: bool = True) -> list[subprocess.Popen]:
+    """A reader blocked at the end of the events file, and (``waiter``) a
+    snapshot_waitevent of a minute, both really blocked before this returns."""
+    procs = [subprocess.Popen(["cat", m.p("snapshots", snap, "events")], stdout=subprocess.PIPE)]
+    if waiter:
+        line = f"snapshot_waitevent {snap} 60000"
+        procs.append(subprocess.Popen([sys.executable, "-c", WAITER, m.path, line],
+                                      stdout=subprocess.PIPE, text=True))
+    time.sleep(0.5)
+    assert all(p.poll() is None for p in procs)
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], seconds: float = 10) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=seconds)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+            pytest.fail(f"{p.args[:2]} stayed blocked")
+    return outs
+
+
+def test_sigterm_with_blocked_readers_stops_cleanly_and_saves_cbt(mounter, device, storage_dir):
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", "d0")
+    procs = blocked_readers(m, snap)
+    try:
+        m.proc.send_signal(signal.SIGTERM)
+        rc = bounded(lambda: m.proc.wait(), 15, unhang(m))
+        events, waited = finish(procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert rc == 0, m.read_log()[-3000:]
+    assert events == b""                                        # EOF (or a read error)
+    assert waited.strip() in ("ESRCH", "ENOTCONN", "ECONNABORTED"), waited
+    assert not is_mounted(m.path)
+    assert len(list(Path(m.state_dir, "cbt").glob("*.cbt"))) == 1   # CBT saved
+    m.check_log()
+
+
+def test_destroy_ends_blocked_readers(mounter, device, storage_dir):
+    """Blocked event readers get EOF at destroy. (A pending snapshot_waitevent holds
+    the control file, so a destroy can only follow it; the stop test covers it.)"""
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", "d0")
+    procs = blocked_readers(m, snap, waiter=False)
+    procs += blocked_readers(m, snap, waiter=False)
+    try:
+        bounded(lambda: m.ok(f"snapshot_destroy {snap}"), 15, unhang(m))
+        outs = finish(procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert outs == [b"", b""]
+    assert m.ok("version")
+
+
+def test_umount_with_a_blocked_reader_answers_at_once(mounter, device, storage_dir):
+    """``snapfs umount`` refuses a mount with open files (a running backup must not be
+    cut off): with a blocked events reader it says so at once and nothing changes."""
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", "d0")
+    procs = blocked_readers(m, snap, waiter=False)
+    try:
+        result = bounded(lambda: snapfs("umount", m.path), 20, unhang(m))
+        assert result.returncode == 1 and "busy" in result.stderr, result
+        assert m.ok("snapshot_collect")["ids"] == [snap]
+        m.ok(f"snapshot_destroy {snap}")
+        finish(procs)
+    finally:
+        for p in procs:
+            p.kill()
+
+
+# ----- 3. bounded control input ----------------------------------------------------------
+
+def write_control(m, data: bytes) -> tuple[int | None, dict, float]:
+    fd = os.open(m.p("control"), os.O_RDWR)
+    t0 = time.perf_counter()
+    try:
+        try:
+            os.write(fd, data)
+            code = None
+        except OSError as exc:
+            code = exc.errno
+        took = time.perf_counter() - t0
+        reply = b""
+        while chunk := os.read(fd, 65536):
+            reply += chunk
+    finally:
+        os.close(fd)
+    return code, json.loads(reply), took
+
+
+def test_long_lines_get_e2big_at_once_and_stall_no_device(mounter, device, tmp_path):
+    """A 1 MiB single-token line (it took 15 s and stalled every device): E2BIG at once,
+    and reads of another device keep flowing meanwhile."""
+    m = mounter({"d0": device[0], "d1": sparse(tmp_path / "d1.img", MiB)})
+    stop, worst, reads = threading.Event(), [0.0], [0]
+
+    def reader():
+        fd = os.open(m.dev("d1"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                os.preadv(fd, [memoryview(buf)], (reads[0] % 256) * 4096)
+                worst[0] = max(worst[0], time.perf_counter() - t0)
+                reads[0] += 1
+        finally:
+            os.close(fd)
+
+    import mmap
+    buf = mmap.mmap(-1, 4096)
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for data in (b"x" * MiB, b"attach " + b"n" * MiB + b" /x\n", b"markdirtyblock d0 " + b"0:1 " * 3000):
+            for _ in range(5):
+                code, reply, took = write_control(m, data)
+                assert code == errno.E2BIG and reply["errno"] == "E2BIG", reply
+                assert took < 1.0, took
+        longest = "markdirtyblock d0 " + " ".join(f"{i}:1" for i in range(1300))
+        assert len(longest) <= 8192
+        code, reply, took = write_control(m, longest.encode())
+        assert code is None and reply["ranges"] == 1300 and took < 1.0
+    finally:
+        stop.set()
+        thread.join(10)
+    assert reads[0] > 10 and worst[0] < 0.25, (reads[0], worst[0])
+
+
+# ----- 4. every argument validated -------------------------------------------------------
+
+BAD_NUMBERS = [
+    "snapshot_waitevent {snap} \u00b2", "snapshot_waitevent {snap} " + "9" * 400,
+    "snapshot_waitevent {snap} " + "9" * 5000, "snapshot_waitevent {snap} \u0663",
+    "snapshot_waitevent {snap} -1", "snapshot_waitevent {snap} 60001",
+    "markdirtyblock d0 0:" + "9" * 5000, "markdirtyblock d0 \u0663:1", "markdirtyblock d0 1:\u00b2",
+    "markdirtyblock d0 " + "9" * 30 + ":1", "markdirtyblock d0 1:-1",
+    "snapshot_create {store} " + "9" * 5000 + " d0", "snapshot_create {store} 99999999999999999999T d0",
+    "snapshot_create {store} \u0663M d0", "snapshot_create {store} 8388608T d0",
+]
+
+
+@pytest.mark.parametrize("line", BAD_NUMBERS)
+def test_bad_numbers_are_einval_with_a_reply(mounter, device, storage_dir, line):
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", take=False)
+    assert m.err(line.format(snap=snap, store=storage_dir)) == "EINVAL"
+    assert m.ok("cbtinfo d0")
+
+
+# ----- 6. the smaller holes --------------------------------------------------------------
+
+def test_relative_paths_are_refused_and_the_cli_sends_absolute_ones(mounter, device, tmp_path):
+    m = mounter({"d0": device[0]})
+    (tmp_path / "store").mkdir()
+    make_device(tmp_path / "rel.img", MiB)
+    assert m.err("snapshot_create store 16M d0") == "EINVAL"
+    assert m.err("attach r rel.img") == "EINVAL"
+    result = snapfs("-m", m.path, "snapshot_create", "store", "16M", "d0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    snap = result.stdout.strip().split("=")[1]
+    assert m.ok("status")["snapshots"][snap]["storage"] == f"tmpfile in {tmp_path / 'store'}"
+    result = snapfs("-m", m.path, "attach", "r", "rel.img", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert m.ok("status")["devices"]["r"]["path"] == str(tmp_path / "rel.img")
+    m.ok(f"snapshot_destroy {snap}")
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_state_dir_that_is_a_file_is_refused_in_one_line(tmp_path, daemon):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    state = tmp_path / "state"
+    state.write_text("not a directory")
+    make_device(tmp_path / "d.img", MiB)
+    args = ["mount", *(["--daemon"] if daemon else []), "--state-dir", str(state), str(mnt),
+            f"d={tmp_path / 'd.img'}"]
+    result = bounded(lambda: snapfs(*args), 30, lambda: subprocess.run(["umount", "-l", str(mnt)]))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "not a directory" in lines[0], result.stderr
+    assert not is_mounted(str(mnt))
+
+
+def test_sources_that_are_not_whole_sectors_are_refused(mounter, device, tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1000))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = snapfs("mount", "--state-dir", str(tmp_path / "st"), str(mnt), f"o={odd}")
+    assert result.returncode == 1 and "not a multiple of 512" in result.stderr, result.stderr
+    assert not is_mounted(str(mnt))
+    m = mounter({"d0": device[0]})
+    assert m.err(f"attach o {odd}") == "EINVAL"
+
+
+def test_destroy_drops_cached_image_pages(mounter, device, storage_dir):
+    """An image handle read before destroy must not keep returning the image's cached
+    pages after it: destroy invalidates them."""
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", "d0")
+    fd = os.open(m.image(snap, "d0"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 65536, 0) == device[1][:65536]     # now in the page cache
+        m.ok(f"snapshot_destroy {snap}")
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 65536, 0)
+        assert info.value.errno in (errno.EIO, errno.ENOENT)
+    finally:
+        os.close(fd)
