@@ -37,7 +37,8 @@ class DiffStorage:
     ``grow_blocking`` (worker thread) and ``open`` (worker thread, before sharing)."""
 
     def __init__(self, fd: int, description: str, capacity: int, limit: int, minimum: int,
-                 growable: bool = True):
+                 growable: bool = True, on_grow: "Callable[[DiffStorage], bool] | None" = None,
+                 on_no_space: Callable[[int], None] | None = None):
         self.fd = fd
         self.description = description
         self.capacity = capacity
@@ -50,15 +51,17 @@ class DiffStorage:
         self.closed = False
         self.retired = False        # destroy began: no new growth may start
         self._low = False           # growth requested or no_space posted for this portion
-        self.on_grow: Callable[[], None] | None = None
-        self.on_no_space: Callable[[int], None] | None = None
+        self.on_grow = on_grow            # starts a growth worker; False: grow inline
+        self.on_no_space = on_no_space    # the limit is reached: post the event
         self.fault: Callable[[str], None] | None = None   # test hook: may raise OSError
 
     # ----- creation -----------------------------------------------------------------
 
     @classmethod
     def open(cls, target: str, limit: int, minimum: int,
-             forbidden: Callable[[os.stat_result], str | None]) -> "DiffStorage":
+             forbidden: Callable[[os.stat_result], str | None],
+             on_grow: "Callable[[DiffStorage], bool] | None" = None,
+             on_no_space: Callable[[int], None] | None = None) -> "DiffStorage":
         """Open or create the storage at ``target`` (blocking; call from a thread).
 
         ``forbidden(st)`` returns a reason when the storage (or the directory a new file
@@ -70,7 +73,7 @@ class DiffStorage:
         fd, desc, growable = cls._open_target(target, forbidden)
         try:
             capacity = os.lseek(fd, 0, os.SEEK_END)
-            storage = cls(fd, desc, capacity, limit, minimum, growable)
+            storage = cls(fd, desc, capacity, limit, minimum, growable, on_grow, on_no_space)
             storage._initial_size()
             return storage
         except BaseException:
@@ -142,9 +145,7 @@ class DiffStorage:
         self._low = True
         if self.growable and self.requested < self.limit:
             self.requested += min(self.minimum, self.limit - self.requested)
-            if self.on_grow is not None:
-                self.on_grow()
-            else:
+            if self.on_grow is None or not self.on_grow(self):
                 self.grow_now()
         elif self.on_no_space is not None:
             self.on_no_space(self.requested)
@@ -183,6 +184,10 @@ class DiffStorage:
             self.fault("write")
         if os.pwrite(self.fd, data, offset) != len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def sync(self) -> None:
+        """fsync the storage (blocking; a worker thread, never after ``close``)."""
+        os.fsync(self.fd)
 
     def read(self, offset: int, size: int) -> bytes:
         """Read exactly ``size`` bytes at ``offset``; OSError(EIO) if short."""

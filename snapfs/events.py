@@ -20,12 +20,12 @@ from collections.abc import Callable
 class EventLog:
     """Append-only event log of one snapshot (trio thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: list[Callable[[], None]] | None = None) -> None:
         self.events: list[dict] = []
         self.text = bytearray()
         self.closed = False
         self._popped = 0
-        self.listeners: list[Callable[[], None]] = []
+        self.listeners: list[Callable[[], None]] = list(listeners or [])
 
     def post(self, event: str, **fields) -> dict:
         """Append an event and wake listeners. Ignored once closed."""

@@ -1,12 +1,19 @@
-"""The pyfuse3 adapter: inode table, open handles, and handlers that translate and
-call down into the core. Errors become ``FUSEError`` in one place (``_fuse_errors``):
-a pyfuse3 handler raising anything else would end the mount.
+"""The pyfuse3 adapter: one small class per kind of file, an inode table, and
+``Operations``, which only dispatches to them and maps errors in one place.
 
-Tree (DESIGN.md section 2): ``control``, ``status``, ``devices/NAME``,
-``snapshots/ID/{NAME,info,events}``, ``cbt/NAME/{info,map}``. Children are computed
-from the controller's registry on every lookup; inode numbers are handed out once per
-(kind, object) and never reused. A node whose object is gone answers ENOENT, and is
-dropped from the table when the kernel forgets it.
+Tree (docs/design.md): ``control``, ``status``, ``devices/NAME``,
+``snapshots/ID/{NAME,info,events}``, ``cbt/NAME/{info,map}``. Each entry is an object
+of a kind below (``DeviceFile``, ``ImageFile``, ``JsonFile``, ``ControlFile``,
+``EventsFile``, ``CbtMapFile``, and the directories); its ``key`` (kind, objects)
+identifies it. Children are computed from the registry on every lookup; inode
+numbers are handed out once per key and never reused. A node whose entry is gone
+answers ENOENT, and is dropped from the table when the kernel forgets it.
+
+Each file kind's ``open`` returns a handle with its own ``read``/``write``/``fsync``/
+``poll``/``release``. Errors: SnapfsError and OSError become FUSEError with their
+errno in ``_fuse_errors``; anything else is a bug (errors.py): logged once with its
+traceback and answered with EIO, and the mount keeps serving (a pyfuse3 handler
+raising anything but FUSEError would end the mount).
 """
 
 import errno
@@ -22,20 +29,19 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from .control import Controller
-from .diffarea import DiffArea
+from . import control
 from .errors import SnapfsError
+from .registry import Registry
+from .snapshot import Image, Snapshot
+from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
-STATIC_DIRS = ("devices", "snapshots", "cbt")
 
 
 def _fuse_errors(handler):
-    """The one place where errors become errnos. SnapfsError and OSError map to their
-    errno; anything else is a bug: logged with its traceback and answered with EIO so
-    that the workload's device keeps working."""
+    """The one place where errors become errnos (module docstring)."""
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
@@ -56,96 +62,384 @@ def _fuse_errors(handler):
     return wrapper
 
 
+# ----- handles ---------------------------------------------------------------------------
+
+class Handle:
+    """An open file. Defaults: read-only, nothing to sync, always ready."""
+
+    direct_io = True
+
+    async def read(self, offset: int, size: int) -> bytes:
+        raise SnapfsError(errno.EBADF, "not readable")
+
+    async def write(self, offset: int, data: bytes) -> int:
+        raise SnapfsError(errno.EBADF, "read-only file")
+
+    async def fsync(self) -> None:
+        pass
+
+    def poll(self, poll_handle) -> int:
+        return select.POLLIN | select.POLLOUT
+
+    def release(self) -> None:
+        pass
+
+
+class DeviceHandle(Handle):
+    direct_io = False
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        tracker.open_handles += 1
+
+    async def read(self, offset, size):
+        return self.tracker.read(offset, size)
+
+    async def write(self, offset, data):
+        return await self.tracker.write(offset, data)
+
+    async def fsync(self):
+        await trio.to_thread.run_sync(self.tracker.sync)
+
+    def release(self):
+        self.tracker.open_handles -= 1
+
+
+class ImageHandle(Handle):
+    direct_io = False
+
+    def __init__(self, image: Image, registry: Registry):
+        self.image, self.registry = image, registry
+
+    async def read(self, offset, size):
+        return self.image.read(offset, size)
+
+    async def write(self, offset, data):
+        return self.image.write(offset, data)
+
+    async def fsync(self):
+        await self.registry.sync_image(self.image.area)
+
+
+class ContentHandle(Handle):
+    """status, info, cbt info: JSON frozen at open; the CBT map: bytes frozen at open."""
+
+    def __init__(self, content: bytes):
+        self.content = content
+
+    async def read(self, offset, size):
+        return self.content[offset : offset + size]
+
+
+class ControlHandle(Handle):
+    """One command per write; the reply waits here for the next read (offsets ignored)."""
+
+    def __init__(self, registry: Registry):
+        self.registry, self.reply = registry, b""
+
+    async def write(self, offset, data):
+        code, self.reply = await control.handle(self.registry, data)
+        if code:
+            raise pyfuse3.FUSEError(code)
+        return len(data)
+
+    async def read(self, offset, size):
+        data, self.reply = self.reply[:size], self.reply[size:]
+        return data
+
+
+class EventsHandle(Handle):
+    """Reads block at the end of the log until the next event, or EOF once destroyed."""
+
+    def __init__(self, snap: Snapshot, flags: int, waiters: "Waiters"):
+        self.snap, self.flags, self.waiters = snap, flags, waiters
+        self.position = 0
+        self.poll_handle = None
+
+    async def read(self, offset, size):
+        log_ = self.snap.events
+        while True:
+            data = log_.read(offset, size)
+            if data or log_.closed:
+                self.position = offset + len(data)
+                return data
+            if self.flags & os.O_NONBLOCK:
+                raise SnapfsError(errno.EAGAIN, "no new event")
+            await self.waiters.wait()
+
+    def poll(self, poll_handle):
+        events = self.snap.events
+        if len(events.text) > self.position or events.closed:
+            return select.POLLIN
+        self.poll_handle = poll_handle
+        self.waiters.pollers.add(self)
+        return 0
+
+    def release(self):
+        self.waiters.pollers.discard(self)
+
+
+class Waiters:
+    """Blocked event readers and pollers; the registry's listener wakes them."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+        self.pollers: set[EventsHandle] = set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        for handle in list(self.pollers):
+            if handle.poll_handle is not None:
+                handle.poll_handle.notify()
+                handle.poll_handle = None
+        self.pollers.clear()
+
+
+# ----- entries: one class per kind of file ----------------------------------------------
+
+@dataclass
+class Attrs:
+    mode: int
+    size: int = 0
+    owner: tuple[int, int] | None = None     # None: the mount's owner
+    cache: bool = False                      # device and image attrs may be cached 1 s
+
+
+class Entry:
+    """A kind of file or directory. ``key`` identifies the object it shows."""
+
+    key: tuple = ()
+
+    def attrs(self) -> Attrs:
+        raise NotImplementedError
+
+    def children(self, registry: Registry) -> "dict[str, Entry]":
+        return {}
+
+    async def open(self, ops: "Operations", flags: int, ctx) -> Handle:
+        raise SnapfsError(errno.EISDIR, "is a directory")
+
+
+class Dir(Entry):
+    def attrs(self):
+        return Attrs(stat.S_IFDIR | 0o755)
+
+
+class RootDir(Dir):
+    key = ("root",)
+
+    def children(self, registry):
+        return {"control": ControlFile(), "status": JsonFile(("status",), registry.status),
+                "devices": DevicesDir(), "snapshots": SnapshotsDir(), "cbt": CbtDir()}
+
+
+class DevicesDir(Dir):
+    key = ("devices",)
+
+    def children(self, registry):
+        return {name: DeviceFile(t) for name, t in registry.devices.items()}
+
+
+class SnapshotsDir(Dir):
+    key = ("snapshots",)
+
+    def children(self, registry):
+        return {sid: SnapshotDir(s) for sid, s in registry.snapshots.items()}
+
+
+class SnapshotDir(Dir):
+    def __init__(self, snap: Snapshot):
+        self.snap, self.key = snap, ("snapdir", snap)
+
+    def children(self, registry):
+        snap = self.snap
+        images = {name: ImageFile(snap, name) for name in snap.areas} if snap.taken else {}
+        return {"info": JsonFile(("info", snap), snap.info), "events": EventsFile(snap), **images}
+
+
+class CbtDir(Dir):
+    key = ("cbt",)
+
+    def children(self, registry):
+        return {name: CbtDeviceDir(t) for name, t in registry.devices.items()}
+
+
+class CbtDeviceDir(Dir):
+    def __init__(self, tracker: Tracker):
+        self.tracker, self.key = tracker, ("cbtdir", tracker)
+
+    def children(self, registry):
+        t = self.tracker
+        return {"info": JsonFile(("cbtinfo", t), t.cbt.info, source=t), "map": CbtMapFile(t)}
+
+
+def _source_owner(tracker: Tracker) -> tuple[int, int]:
+    return tracker.source.st.st_uid, tracker.source.st.st_gid
+
+
+class DeviceFile(Entry):
+    def __init__(self, tracker: Tracker):
+        self.tracker, self.key = tracker, ("device", tracker)
+
+    def attrs(self):
+        t = self.tracker
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o777, t.capacity, _source_owner(t), True)
+
+    async def open(self, ops, flags, ctx):
+        return DeviceHandle(self.tracker)
+
+
+class ImageFile(Entry):
+    """Mode and owner of the source, without write for others."""
+
+    def __init__(self, snap: Snapshot, name: str):
+        self.snap, self.name, self.key = snap, name, ("image", snap, name)
+
+    def attrs(self):
+        t = self.snap.trackers[self.name]
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True)
+
+    async def open(self, ops, flags, ctx):
+        return ImageHandle(self.snap.image(self.name), ops.registry)
+
+
+class ReadOnlyFile(Entry):
+    async def open(self, ops, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise SnapfsError(errno.EACCES, "read-only file")
+        return self.handle(ops, flags)
+
+    def handle(self, ops: "Operations", flags: int) -> Handle:
+        raise NotImplementedError
+
+
+class JsonFile(ReadOnlyFile):
+    """status and snapshot info: 0400 to the mount's owner (they name sources and
+    storage); cbt info (``source``): the source's owner and read bits."""
+
+    def __init__(self, key: tuple, produce, source: Tracker | None = None):
+        self.key, self.produce, self.source = key, produce, source
+
+    def attrs(self):
+        if self.source is None:
+            return Attrs(stat.S_IFREG | 0o400)
+        return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source))
+
+    def handle(self, ops, flags):
+        return ContentHandle((json.dumps(self.produce()) + "\n").encode())
+
+
+class CbtMapFile(ReadOnlyFile):
+    """Which blocks changed when: as private as the data (the source's read bits)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker, self.key = tracker, ("cbtmap", tracker)
+
+    def attrs(self):
+        t = self.tracker
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t))
+
+    def handle(self, ops, flags):
+        return ContentHandle(bytes(self.tracker.cbt.read_map))
+
+
+class EventsFile(ReadOnlyFile):
+    def __init__(self, snap: Snapshot):
+        self.snap, self.key = snap, ("events", snap)
+
+    def attrs(self):
+        return Attrs(stat.S_IFREG | 0o444)
+
+    def handle(self, ops, flags):
+        return EventsHandle(self.snap, flags, ops.waiters)
+
+
+class ControlFile(Entry):
+    """0600, and the request's uid is checked too (CAP_DAC_OVERRIDE passes the mode)."""
+
+    key = ("control",)
+
+    def attrs(self):
+        return Attrs(stat.S_IFREG | 0o600)
+
+    async def open(self, ops, flags, ctx):
+        if ctx.uid not in (0, ops.owner[0]):
+            raise SnapfsError(errno.EACCES, "only root or the mount's owner may send commands")
+        return ControlHandle(ops.registry)
+
+
+# ----- the inode table and Operations -------------------------------------------------
+
 @dataclass(eq=False)
 class Node:
     inode: int
-    key: tuple          # (kind, *objects): identifies what the node shows
+    entry: Entry
     parent: int
     name: str
     lookups: int = 0
     ctime_ns: int = field(default_factory=time.time_ns)
 
-    @property
-    def kind(self) -> str:
-        return self.key[0]
-
-
-@dataclass(eq=False)
-class Handle:
-    node: Node
-    flags: int
-    uid: int = 0
-    content: bytes = b""        # status/info: JSON frozen at open
-    reply: bytes = b""          # control: the pending reply
-    area: DiffArea | None = None
-    position: int = 0           # events: end of the last read, for poll
-    poll_handle: object = None
-
-
-def _err(code: int, message: str) -> SnapfsError:
-    return SnapfsError(code, message)
-
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 handlers over a Controller."""
+    """pyfuse3 handlers: look up entries, open handles, dispatch. Also the registry's
+    listener: wakes event readers, drops cached image pages at destroy."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, controller: Controller, owner_uid: int, owner_gid: int):
+    def __init__(self, owner_uid: int, owner_gid: int):
         super().__init__()
-        self.ctl = controller
-        self.owner_uid = owner_uid
-        self.owner_gid = owner_gid
-        self._nodes: dict[int, Node] = {ROOT: Node(ROOT, ("root",), ROOT, "")}
-        self._by_key: dict[tuple, int] = {("root",): ROOT}
+        self.registry: Registry | None = None
+        self.owner = (owner_uid, owner_gid)
+        self.waiters = Waiters()
+        self._nodes: dict[int, Node] = {ROOT: Node(ROOT, RootDir(), ROOT, "")}
+        self._by_key: dict[tuple, int] = {RootDir.key: ROOT}
         self._next_inode = ROOT + 1
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._events_changed = trio.Event()
-        controller.inode_of_device = self._device_inode
-        controller.event_listener = self.events_changed
-        controller.on_destroyed = self.snapshot_destroyed
 
-    # ----- the tree -----------------------------------------------------------------
+    def serve(self, registry: Registry) -> "Operations":
+        """Show ``registry`` (built with this object as its listener)."""
+        self.registry = registry
+        return self
 
-    def _children(self, node: Node) -> dict[str, tuple]:
-        kind, ctl = node.kind, self.ctl
-        if kind == "root":
-            return {"control": ("control",), "status": ("status",),
-                    **{d: (d,) for d in STATIC_DIRS}}
-        if kind == "devices":
-            return {n: ("device", t) for n, t in ctl.devices.items()}
-        if kind == "snapshots":
-            return {sid: ("snapdir", s) for sid, s in ctl.snapshots.items()}
-        if kind == "snapdir":
-            snap = node.key[1]
-            images = {n: ("image", snap, n) for n in snap.areas} if snap.taken else {}
-            return {"info": ("info", snap), "events": ("events", snap), **images}
-        if kind == "cbt":
-            return {n: ("cbtdir", t) for n, t in ctl.devices.items()}
-        if kind == "cbtdir":
-            return {"info": ("cbtinfo", node.key[1]), "map": ("cbtmap", node.key[1])}
-        return {}
+    # ----- the registry's listener -----------------------------------------------------
 
-    def _device_inode(self, tracker) -> int:
-        devices = self._node_for(("devices",), ROOT, "devices")
-        return self._node_for(("device", tracker), devices.inode, tracker.name).inode
+    def events_changed(self) -> None:
+        self.waiters.wake()
 
-    def _node_for(self, key: tuple, parent: int, name: str) -> Node:
-        inode = self._by_key.get(key)
+    async def snapshot_destroyed(self, snap: Snapshot) -> None:
+        """Drop the kernel's cached pages of the snapshot's images, so an open image
+        handle cannot read them after destroy (in a thread: the kernel may wait for a
+        read of that image, which this loop must answer)."""
+        inodes = [i for key, i in self._by_key.items() if key[0] == "image" and key[1] is snap]
+        for inode in inodes:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+            except OSError as exc:     # ENOENT: the kernel never looked it up
+                log.debug("invalidating image inode %d: %s", inode, exc)
+
+    # ----- the inode table -------------------------------------------------------------
+
+    def _node_for(self, entry: Entry, parent: int, name: str) -> Node:
+        inode = self._by_key.get(entry.key)
         if inode is None:
             inode = self._next_inode
             self._next_inode += 1
-            self._by_key[key] = inode
-            self._nodes[inode] = Node(inode, key, parent, name)
+            self._by_key[entry.key] = inode
+            self._nodes[inode] = Node(inode, entry, parent, name)
         return self._nodes[inode]
 
     def _alive(self, node: Node) -> bool:
         while node.inode != ROOT:
             parent = self._nodes.get(node.parent)
-            if parent is None or self._children(parent).get(node.name) != node.key:
+            child = parent.entry.children(self.registry).get(node.name) if parent else None
+            if child is None or child.key != node.entry.key:
                 return False
             node = parent
         return True
@@ -153,51 +447,39 @@ class Operations(pyfuse3.Operations):
     def _node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
         if node is None or not self._alive(node):
-            raise _err(errno.ENOENT, f"inode {inode} is gone")
+            raise SnapfsError(errno.ENOENT, f"inode {inode} is gone")
         return node
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        spec = node.entry.attrs()
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
-        a.st_uid, a.st_gid = self.owner_uid, self.owner_gid
+        a.st_mode, a.st_size = spec.mode, spec.size
+        a.st_uid, a.st_gid = spec.owner or self.owner
+        a.st_nlink = 2 if stat.S_ISDIR(spec.mode) else 1
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.ctime_ns
         a.st_blksize = 128 * 1024
-        a.entry_timeout = a.attr_timeout = 0
-        kind, size = node.kind, 0
-        if kind in ("root", "snapdir", "cbtdir") or kind in STATIC_DIRS:
-            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
-        elif kind in ("device", "image"):
-            tracker = node.key[1] if kind == "device" else node.key[1].trackers[node.key[2]]
-            src = tracker.source.st
-            perm = src.st_mode & 0o777 if kind == "device" else src.st_mode & 0o775
-            a.st_mode, a.st_uid, a.st_gid = stat.S_IFREG | perm, src.st_uid, src.st_gid
-            size = tracker.capacity
-            a.entry_timeout = a.attr_timeout = 1
-        elif kind == "control":
-            a.st_mode = stat.S_IFREG | 0o600
-        elif kind in ("status", "info"):         # they name sources and storage: owner only
-            a.st_mode = stat.S_IFREG | 0o400
-        elif kind in ("cbtinfo", "cbtmap"):      # who changed what when: as private as the data
-            src = node.key[1].source.st
-            a.st_mode, a.st_uid, a.st_gid = stat.S_IFREG | src.st_mode & 0o444, src.st_uid, src.st_gid
-            size = node.key[1].cbt.block_count if kind == "cbtmap" else 0
-        else:
-            a.st_mode = stat.S_IFREG | 0o444
-        a.st_size = size
-        a.st_blocks = -(-size // 512)
-        a.st_nlink = a.st_nlink or 1
+        a.st_blocks = -(-spec.size // 512)
+        a.entry_timeout = a.attr_timeout = 1 if spec.cache else 0
         return a
 
-    # ----- lookup / attributes --------------------------------------------------------
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise SnapfsError(errno.EBADF, "unknown file handle") from None
+
+    # ----- handlers --------------------------------------------------------------------
 
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._node(parent_inode)
         text = name.decode("utf-8", "surrogateescape")
-        key = self._children(parent).get(text)
-        if key is None:
-            raise _err(errno.ENOENT, f"no entry {text!r}")
-        node = self._node_for(key, parent.inode, text)
+        entry = parent.entry.children(self.registry).get(text)
+        if entry is None:
+            raise SnapfsError(errno.ENOENT, f"no entry {text[:80]!r}")
+        node = self._node_for(entry, parent.inode, text)
+        node.entry = entry
         node.lookups += 1
         return self._attrs(node)
 
@@ -209,7 +491,7 @@ class Operations(pyfuse3.Operations):
             node.lookups = max(0, node.lookups - count)
             if node.lookups == 0 and not self._alive(node):
                 del self._nodes[inode]
-                self._by_key.pop(node.key, None)
+                self._by_key.pop(node.entry.key, None)
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
@@ -218,27 +500,25 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
-        if fields.update_size:
-            size = self._attrs(node).st_size
-            if node.kind != "control" and attr.st_size != size:
-                raise _err(errno.EPERM, "device and image sizes are fixed")
+        if fields.update_size and attr.st_size != node.entry.attrs().size \
+                and not isinstance(node.entry, ControlFile):
+            raise SnapfsError(errno.EPERM, "device and image sizes are fixed")
         if fields.update_mode or fields.update_uid or fields.update_gid:
-            raise _err(errno.EPERM, "modes and owners follow the source")
+            raise SnapfsError(errno.EPERM, "modes and owners follow the source")
         return self._attrs(node)
 
     @_fuse_errors
     async def opendir(self, inode, ctx):
-        node = self._node(inode)
-        if not stat.S_ISDIR(self._attrs(node).st_mode):
-            raise _err(errno.ENOTDIR, "not a directory")
+        if not isinstance(self._node(inode).entry, Dir):
+            raise SnapfsError(errno.ENOTDIR, "not a directory")
         return inode
 
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
-        entries = sorted(self._children(node).items())
-        for i, (name, key) in enumerate(entries[start_id:], start_id + 1):
-            child = self._node_for(key, node.inode, name)
+        entries = sorted(node.entry.children(self.registry).items())
+        for i, (name, entry) in enumerate(entries[start_id:], start_id + 1):
+            child = self._node_for(entry, node.inode, name)
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child), i):
                 break
             child.lookups += 1
@@ -252,151 +532,33 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    # ----- open / release -------------------------------------------------------------
-
     @_fuse_errors
     async def open(self, inode, flags, ctx):
-        node = self._node(inode)
-        handle = Handle(node, flags, uid=ctx.uid)
-        kind = node.kind
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
-        direct = True
-        if kind == "control":
-            if ctx.uid not in (0, self.owner_uid):
-                raise _err(errno.EACCES, "only root or the mount's owner may send commands")
-        elif kind == "device":
-            node.key[1].open_handles += 1
-            direct = False
-        elif kind == "image":
-            snap, name = node.key[1], node.key[2]
-            handle.area = snap.areas[name]
-            direct = False
-        elif writing:
-            raise _err(errno.EACCES, "read-only file")
-        elif kind == "status":
-            handle.content = _json(self.ctl.status())
-        elif kind == "info":
-            handle.content = _json(node.key[1].info())
-        elif kind == "cbtinfo":
-            handle.content = _json(node.key[1].cbt.info())
-        fh = self._next_fh
-        self._next_fh += 1
+        handle = await self._node(inode).entry.open(self, flags, ctx)
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, direct_io=handle.direct_io, keep_cache=False)
 
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.node.kind == "device":
-            handle.node.key[1].open_handles -= 1
+        if handle is not None:
+            handle.release()
 
     async def flush(self, fh):
         pass
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
-        handle = self._handle(fh)
-        if handle.node.kind == "device":
-            await trio.to_thread.run_sync(handle.node.key[1].source.fsync)
-        elif handle.area is not None and not handle.area.closed:
-            await trio.to_thread.run_sync(os.fsync, handle.area.storage.fd)
-
-    def _handle(self, fh: int) -> Handle:
-        try:
-            return self._handles[fh]
-        except KeyError:
-            raise _err(errno.EBADF, "unknown file handle") from None
-
-    # ----- read / write ---------------------------------------------------------------
+        await self._handle(fh).fsync()
 
     @_fuse_errors
     async def read(self, fh, off, size):
-        handle = self._handle(fh)
-        kind = handle.node.kind
-        if kind == "device":
-            tracker = handle.node.key[1]
-            if tracker.detached:
-                raise _err(errno.EIO, f"device {tracker.name} was detached")
-            return tracker.read(off, size)
-        if kind == "image":
-            return handle.area.read(off, size)
-        if kind == "control":
-            data, handle.reply = handle.reply[:size], handle.reply[size:]
-            return data
-        if kind == "events":
-            return await self._read_events(handle, off, size)
-        if kind == "cbtmap":
-            return bytes(handle.node.key[1].cbt.read_map[off : off + size])
-        return handle.content[off : off + size]
-
-    async def _read_events(self, handle: Handle, off: int, size: int) -> bytes:
-        log_ = handle.node.key[1].events
-        while True:
-            data = log_.read(off, size)
-            if data or log_.closed:
-                handle.position = off + len(data)
-                return data
-            if handle.flags & os.O_NONBLOCK:
-                raise _err(errno.EAGAIN, "no new event")
-            await self._wait_events()
-
-    async def _wait_events(self) -> None:
-        await self._events_changed.wait()
-
-    def events_changed(self) -> None:
-        """Listener for every snapshot's EventLog: wake blocked readers and pollers."""
-        self._events_changed.set()
-        self._events_changed = trio.Event()
-        for handle in self._handles.values():
-            if handle.poll_handle is not None:
-                handle.poll_handle.notify()
-                handle.poll_handle = None
+        return await self._handle(fh).read(off, size)
 
     @_fuse_errors
     async def write(self, fh, off, buf):
-        handle = self._handle(fh)
-        kind = handle.node.kind
-        if kind == "device":
-            tracker = handle.node.key[1]
-            if tracker.detached:
-                raise _err(errno.EIO, f"device {tracker.name} was detached")
-            return await tracker.write(off, buf)
-        if kind == "image":
-            snap, name = handle.node.key[1], handle.node.key[2]
-            return snap.trackers[name].image_write(handle.area, off, buf)
-        if kind == "control":
-            return await self._command(handle, buf)
-        raise _err(errno.EBADF, "read-only file")
-
-    async def _command(self, handle: Handle, buf: bytes) -> int:
-        """One command per write; the JSON reply waits on the handle, the write fails
-        with the command's errno."""
-        code, handle.reply = await self.ctl.handle(buf)
-        if code:
-            raise pyfuse3.FUSEError(code)
-        return len(buf)
-
-    async def snapshot_destroyed(self, snap) -> None:
-        """Destroy hook: drop the kernel's cached pages of the snapshot's images, so an
-        open image handle cannot read them after destroy (in a thread: the kernel may
-        wait for a read of that image that this loop must answer)."""
-        inodes = [inode for key, inode in self._by_key.items() if key[0] == "image" and key[1] is snap]
-        for inode in inodes:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
-            except OSError as exc:     # ENOENT: the kernel never looked it up
-                log.debug("invalidating image inode %d: %s", inode, exc)
+        return await self._handle(fh).write(off, buf)
 
     @_fuse_errors
     async def poll(self, inode, fh, poll_handle, ctx):
-        handle = self._handle(fh)
-        if handle.node.kind != "events":
-            return select.POLLIN | select.POLLOUT
-        events = handle.node.key[1].events
-        if len(events.text) > handle.position or events.closed:
-            return select.POLLIN
-        handle.poll_handle = poll_handle
-        return 0
-
-
-def _json(obj) -> bytes:
-    return (json.dumps(obj) + "\n").encode()
+        return self._handle(fh).poll(poll_handle)

@@ -19,10 +19,10 @@ import pyfuse3
 import trio
 
 from . import mountinfo
-from .control import Controller, check_name
 from .errors import SnapfsError
 from .fs import Operations
 from .params import Params
+from .registry import Registry, check_name
 from .source import Source
 from .state import StateStore
 
@@ -89,7 +89,7 @@ def check_state_dir(path: str) -> str:
     return path
 
 
-def build(config: MountConfig) -> tuple[Controller, StateStore]:
+def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     """Open every source and restore its CBT. Raises SnapfsError, closing what it
     opened."""
     mountpoint = check_mountpoint(config.mountpoint)
@@ -97,71 +97,58 @@ def build(config: MountConfig) -> tuple[Controller, StateStore]:
     pairs = parse_sources(config.sources)
     for _, path in pairs:
         check_source(path)
-    controller = Controller(config.params, mountpoint)
     state = StateStore(config.state_dir, config.params)
-    controller.restore_cbt = state.load
-    controller.forget_cbt = state.forget
+    ops = Operations(os.getuid(), os.getgid())
+    registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops)
     try:
         for name, path in pairs:
             source = Source.open(path)
             try:
-                controller.add_device(name, source)
+                registry.add_device(name, source)
             except BaseException:
                 source.close()
                 raise
     except BaseException:
-        close_sources(controller)
+        registry.close_sources()
         raise
-    return controller, state
-
-
-def close_sources(controller: Controller) -> None:
-    for tracker in controller.devices.values():
-        tracker.source.close()
-
-
-def mount_dev(mountpoint: str) -> int | None:
-    """st_dev of the FUSE mount at ``mountpoint`` (from mountinfo: never stat our own
-    mount from the thread that serves it)."""
-    found = mountinfo.at(mountpoint)
-    return found.dev if found else None
+    return registry, ops.serve(registry), state
 
 
 def run(config: MountConfig, ready=None) -> int:
     """Mount and serve until unmounted or signalled. ``ready()`` is called once the
     mount answers requests. Returns the exit status."""
-    controller, state = build(config)
-    ops = Operations(controller, os.getuid(), os.getgid())
+    registry, ops, state = build(config)
     options = set(pyfuse3.default_options) | {"fsname=snapfs", "subtype=snapfs"}
     if config.allow_other:
         options.add("allow_other")
     try:
-        pyfuse3.init(ops, controller.mountpoint, options)
+        pyfuse3.init(ops, registry.mountpoint, options)
     except RuntimeError as exc:
-        close_sources(controller)
-        raise SnapfsError(errno.EIO, f"mounting {controller.mountpoint} failed: {exc}") from None
+        registry.close_sources()
+        raise SnapfsError(errno.EIO, f"mounting {registry.mountpoint} failed: {exc}") from None
     state.consume()
-    controller.mount_dev = mount_dev(controller.mountpoint)
+    found = mountinfo.at(registry.mountpoint)   # never stat our own mount from its thread
+    registry.mounted(found.dev if found else None)
     try:
-        trio.run(serve, controller, ready)
+        trio.run(serve, registry, ready)
     except BaseException:
         log.critical("snapfs crashed; leaving %s mounted (fusermount3 -u -z to clear)",
-                     controller.mountpoint)
+                     registry.mountpoint)
         pyfuse3.close(unmount=False)
         raise
-    stop_cleanly(controller, state)
+    stop_cleanly(registry, state)
     pyfuse3.close(unmount=True)
-    log.info("unmounted %s", controller.mountpoint)
+    log.info("unmounted %s", registry.mountpoint)
     return 0
 
 
-async def serve(controller: Controller, ready) -> None:
+async def serve(registry: Registry, ready) -> None:
     async with trio.open_nursery() as nursery:
-        controller.nursery = nursery
-        nursery.start_soon(_stop_on_signals, controller, nursery.cancel_scope)
+        await nursery.start(registry.serve)
+        nursery.start_soon(_stop_on_signals, registry, nursery.cancel_scope)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
-        log.info("serving %s with %d devices", controller.mountpoint, len(controller.devices))
+        log.info("serving %s with %d devices", registry.mountpoint, len(registry.devices))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -173,7 +160,7 @@ async def _call_ready(ready) -> None:
 STOP_GRACE = 3.0   # seconds the request loop gets to finish after a stop signal
 
 
-async def _stop_on_signals(controller: Controller, scope: trio.CancelScope) -> None:
+async def _stop_on_signals(registry: Registry, scope: trio.CancelScope) -> None:
     """SIGINT/SIGTERM: destroy the snapshots first (blocked event reads end with EOF,
     waitevents with ESRCH), then end the request loop. A request still blocked after
     STOP_GRACE is cancelled (the kernel fails it once the daemon closes /dev/fuse), so
@@ -183,20 +170,20 @@ async def _stop_on_signals(controller: Controller, scope: trio.CancelScope) -> N
             log.info("received %s: unmounting", signal.Signals(signum).name)
             break
     with trio.move_on_after(STOP_GRACE):
-        await controller.destroy_all()
+        await registry.destroy_all()
     pyfuse3.terminate()
     await trio.sleep(STOP_GRACE)
     log.warning("requests still blocked %.0f s after the stop signal: cancelling them", STOP_GRACE)
     scope.cancel()
 
 
-def stop_cleanly(controller: Controller, state: StateStore) -> None:
+def stop_cleanly(registry: Registry, state: StateStore) -> None:
     """Destroy snapshots, fsync sources, persist CBT. A device whose fsync or save
     fails gets no state file (new generation next time)."""
-    for snap in list(controller.snapshots.values()):
+    for snap in list(registry.snapshots.values()):
         snap.destroy().close()
-    controller.snapshots.clear()
-    for tracker in controller.devices.values():
+    registry.snapshots.clear()
+    for tracker in registry.devices.values():
         try:
             tracker.source.fsync()
             state.save(tracker.source, tracker.cbt)

@@ -40,12 +40,29 @@ from .params import Params, chunk_size
 from .tracker import Tracker
 
 
+class Image:
+    """One device's snapshot image as its readers see it, bound to the diff area of
+    the take (a handle kept open across destroy and a new snapshot never reads the new
+    one). Reads: stored old data or the source; writes: only to the storage, marking
+    both CBT maps."""
+
+    def __init__(self, tracker: Tracker, area: DiffArea):
+        self.tracker = tracker
+        self.area = area
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.area.read(offset, size)
+
+    def write(self, offset: int, data) -> int:
+        return self.tracker.image_write(self.area, offset, data)
+
+
 class Snapshot:
-    def __init__(self, storage: DiffStorage, params: Params):
+    def __init__(self, storage: DiffStorage, params: Params, events: EventLog | None = None):
         self.id = str(uuid.uuid4())
         self.storage = storage
         self.params = params
-        self.events = EventLog()
+        self.events = events if events is not None else EventLog()
         self.trackers: dict[str, Tracker] = {}
         self.areas: dict[str, DiffArea] = {}
         self.taken = False
@@ -54,10 +71,6 @@ class Snapshot:
         self.taken_ns = 0
         self.last_take_block_ns = 0
         self.taking = False
-        storage.on_no_space = self._no_space
-
-    def _no_space(self, requested: int) -> None:
-        self.events.post("no_space", requested_bytes=requested)
 
     @property
     def state(self) -> str:
@@ -102,6 +115,10 @@ class Snapshot:
         self.storage.retire()
         self.events.close()
         return self.storage
+
+    def image(self, name: str) -> Image:
+        """The image of member ``name`` (taken snapshots only; KeyError otherwise)."""
+        return Image(self.trackers[name], self.areas[name])
 
     def error_code(self, name: str) -> int:
         area = self.areas.get(name)

@@ -67,6 +67,12 @@ class Source:
                               f"{path} is {size} bytes, not a multiple of {SECTOR}-byte sectors")
         return cls(path, fd, size, st, kind)
 
+    def same_as(self, other: "Source") -> bool:
+        """The same file or block device (a device by its number, a file by inode)."""
+        if self.kind == "bdev" and other.kind == "bdev":
+            return self.st.st_rdev == other.st.st_rdev
+        return (self.st.st_dev, self.st.st_ino) == (other.st.st_dev, other.st.st_ino)
+
     def identity(self) -> Identity:
         st = os.fstat(self.fd)
         return Identity(self.path, st.st_dev, st.st_ino, self.size, st.st_mtime_ns, self.kind)

@@ -79,6 +79,10 @@ class Tracker:
         self.write_requests = 0
         self.detached = False
 
+    def _check_attached(self) -> None:
+        if self.detached:
+            raise SnapfsError(errno.EIO, f"device {self.name} was detached")
+
     def _clip(self, offset: int, length: int) -> int:
         if offset < 0:
             raise SnapfsError(errno.EINVAL, "negative offset")
@@ -88,6 +92,7 @@ class Tracker:
 
     async def write(self, offset: int, data) -> int:
         """Device write (see module docstring). Returns the bytes written."""
+        self._check_attached()
         await self.gate.enter()
         try:
             return self.write_now(offset, data)
@@ -125,11 +130,18 @@ class Tracker:
 
     def read(self, offset: int, size: int) -> bytes:
         """Device read (no snapshot involvement)."""
+        self._check_attached()
         size = max(0, min(size, self.capacity - offset))
         try:
             return self.source.pread(offset, size) if size else b""
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
+
+    def sync(self) -> None:
+        """fsync of the device file: fdatasync the source (blocking: a worker thread;
+        detach waits for no open handle, so the fd stays open)."""
+        self._check_attached()
+        self.source.fsync()
 
     def image_write(self, area: DiffArea, offset: int, data) -> int:
         """Snapshot-image write to ``area`` (the one the handle was opened on): marks

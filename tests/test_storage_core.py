@@ -23,11 +23,12 @@ import time
 import pytest
 import trio
 
-from snapfs.control import Controller, wait_event
+from snapfs import control
 from snapfs.diffstorage import DiffStorage
 from snapfs.errors import SnapfsError
 from snapfs.events import EventLog
 from snapfs.params import KiB, MiB, Params
+from snapfs.registry import Registry
 from snapfs.source import Source
 
 CHUNK = 64 * KiB
@@ -54,7 +55,7 @@ class Fault:
 class Env:
     def __init__(self, tmp_path, sizes: dict[str, int]):
         self.tmp = tmp_path
-        self.ctl = Controller(PARAMS)
+        self.reg = Registry(PARAMS)
         self.initial: dict[str, bytes] = {}
         self.model: dict[str, bytearray] = {}
         self.store = tmp_path / "store"
@@ -65,18 +66,21 @@ class Env:
             path.write_bytes(data)
             self.initial[name] = data
             self.model[name] = bytearray(data)
-            self.ctl.add_device(name, Source.open(str(path)))
+            self.reg.add_device(name, Source.open(str(path)))
+
+    async def execute(self, line: str) -> dict:
+        return await control.execute(self.reg, line)
 
     async def snapshot(self, limit: str, *names: str, storage: str | None = None):
-        names = names or tuple(self.ctl.devices)
+        names = names or tuple(self.reg.devices)
         target = storage or str(self.store)
-        snap_id = (await self.ctl.execute(f"snapshot_create {target} {limit} {' '.join(names)}"))["id"]
-        await self.ctl.execute(f"snapshot_take {snap_id} nofreeze")
-        return self.ctl.snapshots[snap_id]
+        snap_id = (await self.execute(f"snapshot_create {target} {limit} {' '.join(names)}"))["id"]
+        await self.execute(f"snapshot_take {snap_id} nofreeze")
+        return self.reg.snapshots[snap_id]
 
     async def write(self, name: str, offset: int, data: bytes) -> None:
         """A device write; it must land in full whatever happens to the snapshot."""
-        n = await self.ctl.devices[name].write(offset, data)
+        n = await self.reg.devices[name].write(offset, data)
         assert n == len(data)
         self.model[name][offset : offset + n] = data
 
@@ -86,17 +90,17 @@ class Env:
             await self.write(name, i * CHUNK + rnd.randrange(CHUNK - 100), rnd.randbytes(100))
 
     def source(self, name: str) -> bytes:
-        t = self.ctl.devices[name]
+        t = self.reg.devices[name]
         return t.source.pread(0, t.capacity)
 
     def check_devices(self) -> None:
-        for name in self.ctl.devices:
+        for name in self.reg.devices:
             assert self.source(name) == bytes(self.model[name]), name
 
     def close(self) -> None:
-        for snap in list(self.ctl.snapshots.values()):
+        for snap in list(self.reg.snapshots.values()):
             snap.destroy().close()
-        for t in self.ctl.devices.values():
+        for t in self.reg.devices.values():
             t.source.close()
 
 
@@ -153,8 +157,8 @@ async def test_storage_write_eio_corrupts_image_never_the_device(env, after):
     assert fault.calls["write"] == after + 1                   # no copy attempted after it
     assert_eio(area.read, 0, 4096)
     assert_eio(area.read, 3 * MiB, 10)                         # a chunk never copied
-    assert_eio(env.ctl.devices["d"].image_write, area, 5 * CHUNK, b"x")
-    assert (await env.ctl.execute("snapshot_info d"))["error_code"] == -errno.EIO
+    assert_eio(env.reg.devices["d"].image_write, area, 5 * CHUNK, b"x")
+    assert (await env.execute("snapshot_info d"))["error_code"] == -errno.EIO
     info = snap.info()
     assert info["state"] == "corrupted"
     assert info["devices"]["d"]["error_code"] == -errno.EIO
@@ -168,10 +172,10 @@ async def test_storage_write_eio_corrupts_image_never_the_device(env, after):
     assert_eio(area.read, 10 * CHUNK, 10)
 
     fd = storage.fd
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    await env.execute(f"snapshot_destroy {snap.id}")
     assert storage.closed and not fd_is_open(fd)
     assert os.listdir(env.store) == []
-    assert env.ctl.devices["d"].area is None and env.ctl.devices["d"].snapshot_id is None
+    assert env.reg.devices["d"].area is None and env.reg.devices["d"].snapshot_id is None
     await env.touch_chunks("d", range(20, 22))                 # tracking goes on
     env.check_devices()
 
@@ -192,15 +196,15 @@ async def test_storage_read_eio_corrupts_image(env):
     await env.touch_chunks("d", [7, 8])                        # no COW any more, writes land
     assert area.cow_copies == 2
     env.check_devices()
-    assert (await env.ctl.execute("snapshot_info d"))["error_code"] == -errno.EIO
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    assert (await env.execute("snapshot_info d"))["error_code"] == -errno.EIO
+    await env.execute(f"snapshot_destroy {snap.id}")
     assert storage.closed
 
 
 async def test_image_write_with_failing_storage(env):
     snap = await env.snapshot("64M", "d")
     area = snap.areas["d"]
-    tracker = env.ctl.devices["d"]
+    tracker = env.reg.devices["d"]
     tracker.image_write(area, 3, b"ok")                       # works before the fault
     assert area.read(0, 8) == env.initial["d"][:3] + b"ok" + env.initial["d"][5:8]
     snap.storage.fault = Fault("write", code=errno.ENOSPC)
@@ -241,11 +245,11 @@ async def test_destroy_always_works_and_removes_named_storage(env):
     await env.touch_chunks("e", [0])
     assert corrupted_events(snap) == [("d", errno.EIO), ("e", errno.EIO)]
     storage.fault = Fault("read")        # even with every storage operation failing
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    await env.execute(f"snapshot_destroy {snap.id}")
     assert storage.closed and not named.exists()
-    assert env.ctl.snapshots == {}
+    assert env.reg.snapshots == {}
     with pytest.raises(SnapfsError) as info:
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")
+        await env.execute(f"snapshot_destroy {snap.id}")
     assert info.value.errno == errno.ESRCH
     storage.close()                      # idempotent
     env.check_devices()
@@ -258,7 +262,7 @@ async def test_destroy_corrupted_keeps_existing_storage_file(env):
     snap.storage.fault = Fault("write")
     await env.touch_chunks("d", [0])
     assert snap.areas["d"].error == errno.EIO
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    await env.execute(f"snapshot_destroy {snap.id}")
     assert existing.exists()             # a file snapfs did not create is left in place
 
 
@@ -288,11 +292,11 @@ async def test_overflow_no_space_then_corrupted_sticky_for_every_device(env):
     assert snap.areas["e"].read(0, CHUNK) == env.initial["e"][:CHUNK]
     await env.touch_chunks("e", [3])                           # needs a slot: corrupted
     assert corrupted_events(snap) == [("d", errno.ENOSPC), ("e", errno.ENOSPC)]
-    assert [(await env.ctl.execute(f"snapshot_info {n}"))["error_code"] for n in "de"] == [-28, -28]
+    assert [(await env.execute(f"snapshot_info {n}"))["error_code"] for n in "de"] == [-28, -28]
     env.check_devices()
     assert len([e for e in snap.events.events if e["event"] == "no_space"]) == 1
     assert os.fstat(storage.fd).st_size <= storage.limit
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    await env.execute(f"snapshot_destroy {snap.id}")
 
 
 async def test_growth_inline_respects_limit(env):
@@ -316,7 +320,7 @@ async def test_growth_inline_respects_limit(env):
 
 async def test_growth_worker_extends_storage(env):
     async with trio.open_nursery() as nursery:
-        env.ctl.nursery = nursery
+        await nursery.start(env.reg.serve)
         snap = await env.snapshot("8M", "d")
         storage = snap.storage
         # Writes here never checkpoint (as one FUSE request), so the worker runs only
@@ -332,8 +336,8 @@ async def test_growth_worker_extends_storage(env):
         assert os.fstat(storage.fd).st_size == 3 * MiB
         assert snap.areas["d"].read(0, 4 * MiB) == env.initial["d"]
         assert snap.events.events == []
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")
-        env.ctl.nursery = None
+        await env.execute(f"snapshot_destroy {snap.id}")
+        nursery.cancel_scope.cancel()
 
 
 # ----- growth failures --------------------------------------------------------------------------
@@ -342,7 +346,8 @@ async def test_growth_worker_extends_storage(env):
 async def test_growth_failure_is_logged_not_fatal(env, caplog, worker):
     caplog.set_level(logging.WARNING, logger="snapfs.diffstorage")
     async with trio.open_nursery() as nursery:
-        env.ctl.nursery = nursery if worker else None
+        if worker:
+            await nursery.start(env.reg.serve)
         snap = await env.snapshot("8M", "d")
         storage, area = snap.storage, snap.areas["d"]
         storage.fault = fault = Fault("grow", code=errno.ENOSPC)
@@ -356,9 +361,9 @@ async def test_growth_failure_is_logged_not_fatal(env, caplog, worker):
         assert area.error == 0 and snap.events.events == []
         assert area.read(0, 4 * MiB) == env.initial["d"]
         env.check_devices()
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")
+        await env.execute(f"snapshot_destroy {snap.id}")
         assert storage.closed
-        env.ctl.nursery = None
+        nursery.cancel_scope.cancel()
 
 
 async def test_destroy_waits_for_running_growth(env):
@@ -371,7 +376,7 @@ async def test_destroy_waits_for_running_growth(env):
             trace.append(what)
 
     async with trio.open_nursery() as nursery:
-        env.ctl.nursery = nursery
+        await nursery.start(env.reg.serve)
         snap = await env.snapshot("8M", "d")
         storage = snap.storage
         real_grow, real_close = storage.grow_blocking, storage.close
@@ -390,8 +395,8 @@ async def test_destroy_waits_for_running_growth(env):
         storage.grow_blocking, storage.close = slow_grow, close
         await env.touch_chunks("d", range(8))                  # triggers growth
         await until(lambda: "grow-start" in trace)
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")
-        env.ctl.nursery = None
+        await env.execute(f"snapshot_destroy {snap.id}")
+        nursery.cancel_scope.cancel()
     assert trace == ["grow-start", "fd-open", "grow-end", "close"], trace
 
 
@@ -409,7 +414,7 @@ async def test_destroy_right_after_growth_trigger(env, caplog):
             trace.append(what)
 
     async with trio.open_nursery() as nursery:
-        env.ctl.nursery = nursery
+        await nursery.start(env.reg.serve)
         snap = await env.snapshot("8M", "d")
         storage = snap.storage
         real_grow, real_close = storage.grow_blocking, storage.close
@@ -432,8 +437,8 @@ async def test_destroy_right_after_growth_trigger(env, caplog):
         assert "grow-start" not in trace
         await env.touch_chunks("d", [7])                       # 512K used: growth queued
         assert storage.requested == 2 * MiB
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")   # no checkpoint in between
-        env.ctl.nursery = None
+        await env.execute(f"snapshot_destroy {snap.id}")   # no checkpoint in between
+        nursery.cancel_scope.cancel()
         # the daemon goes on opening files (a new storage, an attached source): the
         # lowest free fd number is the storage's old one
         victim = env.tmp / "victim.bin"
@@ -451,13 +456,13 @@ async def test_destroy_right_after_growth_trigger(env, caplog):
 async def test_wait_event_timeout_order_and_destroy(env):
     snap = await env.snapshot("1M", "d")
     with pytest.raises(SnapfsError) as info:
-        await env.ctl.execute(f"snapshot_waitevent {snap.id} 100")
+        await env.execute(f"snapshot_waitevent {snap.id} 100")
     assert info.value.errno == errno.ETIMEDOUT
 
     got: list[dict] = []
 
     async def waiter():
-        got.append((await env.ctl.execute(f"snapshot_waitevent {snap.id} 10000"))["event"])
+        got.append((await env.execute(f"snapshot_waitevent {snap.id} 10000"))["event"])
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
@@ -465,32 +470,39 @@ async def test_wait_event_timeout_order_and_destroy(env):
         assert got == []
         await env.touch_chunks("d", range(20))                 # no_space, then overflow
     assert [e["event"] for e in got] == ["no_space"]
-    second = (await env.ctl.execute(f"snapshot_waitevent {snap.id} 100"))["event"]
+    second = (await env.execute(f"snapshot_waitevent {snap.id} 100"))["event"]
     assert second["event"] == "corrupted" and second["error_code"] == errno.ENOSPC
     assert second["device"] == "d" and got[0]["time"] <= second["time"]
     with pytest.raises(SnapfsError) as info:
-        await wait_event(snap, 0.05)
+        await env.reg.wait_event(snap.id, 0.05)
     assert info.value.errno == errno.ETIMEDOUT
-    assert snap.events.listeners == []                         # waiters unregister
+    assert snap.events.listeners == [env.reg.listener.events_changed]   # waiters unregister
 
     async def destroy_soon():
         await trio.sleep(0.1)
-        await env.ctl.execute(f"snapshot_destroy {snap.id}")
+        await env.execute(f"snapshot_destroy {snap.id}")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(destroy_soon)
         with trio.fail_after(5), pytest.raises(SnapfsError) as info:
-            await wait_event(snap, 10)
+            await env.reg.wait_event(snap.id, 10)
     assert info.value.errno == errno.ESRCH
 
 
 async def test_event_listener_called_for_every_event_and_close(env):
     calls: list[int] = []
-    env.ctl.event_listener = lambda: calls.append(len(calls))
+    class Listener:
+        def events_changed(self):
+            calls.append(len(calls))
+
+        async def snapshot_destroyed(self, snap):
+            pass
+
+    env.reg.listener = Listener()
     snap = await env.snapshot("1M", "d")
     await env.touch_chunks("d", range(20))
     assert len(calls) == 2
-    await env.ctl.execute(f"snapshot_destroy {snap.id}")
+    await env.execute(f"snapshot_destroy {snap.id}")
     assert len(calls) == 3                                     # close wakes readers too
     snap.events.post("corrupted", device="d", error_code=5)    # ignored once closed
     assert len(snap.events.events) == 2 and len(calls) == 3

@@ -1,0 +1,389 @@
+"""The registry of one mount: its devices and snapshots, and their lifecycle.
+
+attach/detach devices; create/add/take/destroy snapshots; wait for events; growth of
+difference storage and fsync of it (both in worker threads, both awaited by destroy);
+status. Knows nothing of FUSE or of command lines: ``control.py`` parses commands
+and calls these methods, ``fs.py`` shows ``devices`` and ``snapshots``.
+
+Collaborators are given at construction, as small interfaces:
+    cbt_store: ``load(source) -> CBT | None`` and ``forget(source)`` (state.py);
+    listener:  ``events_changed()`` after any event of any snapshot, and
+               ``async snapshot_destroyed(snap)`` once a snapshot is gone (fs.py drops
+               cached image pages there).
+
+Concurrency (docs/concurrency.md): methods run on the trio thread; every path lookup,
+open, fsync or fallocate runs in a worker thread (a path may lead back into this very
+mount, which only the trio thread can serve). Registry changes happen in synchronous
+runs after the last await of a method, and re-check what an await may have changed.
+"""
+
+import errno
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import trio
+
+from . import __version__
+from .cbt import CBT
+from .diffarea import DiffArea
+from .diffstorage import DiffStorage
+from .errors import SnapfsError
+from .events import EventLog
+from .params import Params
+from .snapshot import Snapshot, take
+from .source import Source
+from .stack import Guard
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_name(name: str) -> str:
+    """Device names: ``[A-Za-z0-9._-]{1,64}``, not ``.`` or ``..`` (EINVAL)."""
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise SnapfsError(errno.EINVAL, f"bad device name {name[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+class CbtStore(Protocol):
+    def load(self, source: Source) -> CBT | None: ...
+    def forget(self, source: Source) -> None: ...
+
+
+class Listener(Protocol):
+    def events_changed(self) -> None: ...
+    async def snapshot_destroyed(self, snap: Snapshot) -> None: ...
+
+
+class _NoStore:
+    def load(self, source: Source) -> None:
+        return None
+
+    def forget(self, source: Source) -> None:
+        pass
+
+
+class _NoListener:
+    def events_changed(self) -> None:
+        pass
+
+    async def snapshot_destroyed(self, snap: Snapshot) -> None:
+        pass
+
+
+class Registry:
+    """Owns the devices and snapshots of one mount."""
+
+    def __init__(self, params: Params, mountpoint: str = "", cbt_store: CbtStore | None = None,
+                 listener: Listener | None = None):
+        self.params = params
+        self.mountpoint = mountpoint
+        self.mount_dev: int | None = None
+        self.devices: dict[str, Tracker] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.cbt_store = cbt_store or _NoStore()
+        self.listener = listener or _NoListener()
+        self._nursery: trio.Nursery | None = None
+        self._busy: dict[int, tuple[list[int], trio.Event]] = {}    # storage -> users, idle
+
+    def mounted(self, mount_dev: int | None) -> None:
+        """The mount exists: its device number (storage and sources must not rest on it)."""
+        self.mount_dev = mount_dev
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run background work (storage growth) until cancelled. Without it, storage
+        grows inline on the writer's request."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # ----- lookups -------------------------------------------------------------------
+
+    def device(self, name: str) -> Tracker:
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise SnapfsError(errno.ENOENT, f"no device named {name[:80]!r}") from None
+
+    def snapshot(self, snap_id: str) -> Snapshot:
+        try:
+            return self.snapshots[snap_id]
+        except KeyError:
+            raise SnapfsError(errno.ESRCH, f"no snapshot {snap_id[:80]!r}") from None
+
+    def snapshot_of(self, name: str) -> Snapshot:
+        """The snapshot device ``name`` is in: ENOENT device, ESRCH none."""
+        tracker = self.device(name)
+        if tracker.snapshot_id is None:
+            raise SnapfsError(errno.ESRCH, f"{name} is not in a snapshot")
+        return self.snapshots[tracker.snapshot_id]
+
+    # ----- devices -------------------------------------------------------------------
+
+    def add_device(self, name: str, source: Source) -> Tracker:
+        """Register an opened source (synchronous). EEXIST name or source taken."""
+        check_name(name)
+        if name in self.devices:
+            raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
+        for other in self.devices.values():
+            if other.source.same_as(source):
+                raise SnapfsError(errno.EEXIST, f"{source.path} is already attached as {other.name}")
+        tracker = Tracker(name, source, self.params, self.cbt_store.load(source))
+        self.devices[name] = tracker
+        return tracker
+
+    async def attach(self, name: str, path: str) -> Tracker:
+        """Open ``path`` (absolute) in a thread, refusing what the data path would wait
+        on itself through (stack.py), and register it."""
+        check_name(name)
+        if name in self.devices:
+            raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
+        source = await trio.to_thread.run_sync(open_source, path, self.guard())
+        try:
+            tracker = self.add_device(name, source)
+        except BaseException:
+            source.close()
+            raise
+        log.info("attached %s (%s, %d bytes)", name, source.path, source.size)
+        return tracker
+
+    def detach(self, name: str) -> None:
+        """EBUSY while in a snapshot or open; the CBT history is forgotten."""
+        tracker = self.device(name)
+        if tracker.snapshot_id is not None:
+            raise SnapfsError(errno.EBUSY, f"{name} is in snapshot {tracker.snapshot_id}")
+        if tracker.open_handles:
+            raise SnapfsError(errno.EBUSY, f"{name} is open ({tracker.open_handles} handles)")
+        del self.devices[name]
+        tracker.detached = True
+        self.cbt_store.forget(tracker.source)
+        tracker.source.close()
+        log.info("detached %s", name)
+
+    def mark_dirty(self, name: str, ranges: list[tuple[int, int]]) -> None:
+        """Mark byte ranges changed in both CBT maps (already checked to lie inside)."""
+        tracker = self.device(name)
+        for offset, length in ranges:
+            tracker.cbt.mark_both(offset, length)
+
+    def close_sources(self) -> None:
+        for tracker in self.devices.values():
+            tracker.source.close()
+
+    # ----- the storage guard -----------------------------------------------------------
+
+    def guard(self) -> Guard:
+        """What storages and sources must not rest on (stack.py), as of now."""
+        guard = Guard(self.mount_dev)
+        for t in self.devices.values():
+            src = t.source.st
+            if stat.S_ISBLK(src.st_mode):
+                guard.bdevs[src.st_rdev] = t.name
+            else:
+                guard.files[src.st_dev, src.st_ino] = t.name
+        return guard
+
+    async def check_storage(self, snap: Snapshot) -> None:
+        """Re-check a snapshot's storage against the devices attached now (one may
+        have been attached after create). EINVAL naming the reason."""
+        st = os.fstat(snap.storage.fd)     # on this thread: destroy may close the fd
+        reason = await trio.to_thread.run_sync(self.guard().why_not, st, True)
+        if reason:
+            raise SnapfsError(errno.EINVAL, f"storage {snap.storage.description}: {reason}")
+
+    # ----- snapshots -------------------------------------------------------------------
+
+    async def create(self, storage: str, limit: int, names: list[str]) -> Snapshot:
+        """A new snapshot of ``names`` with its storage at ``storage`` (absolute)."""
+        if limit <= 0:
+            raise SnapfsError(errno.EINVAL, "limit must be positive")
+        for name in names:
+            self._check_addable(self.device(name), None)
+        if len(set(names)) != len(names):
+            raise SnapfsError(errno.EINVAL, "a device is listed twice")
+        guard, events = self.guard(), EventLog([self.listener.events_changed])
+        store = await trio.to_thread.run_sync(
+            lambda: DiffStorage.open(storage, limit, self.params.diff_storage_minimum,
+                                     lambda st: guard.why_not(st, True), on_grow=self._schedule_grow,
+                                     on_no_space=lambda n: events.post("no_space", requested_bytes=n)))
+        snap = Snapshot(store, self.params, events)
+        try:
+            for name in names:   # re-check: the registry may have changed during the await
+                snap.add(self.device(name))
+        except BaseException:
+            snap.destroy()
+            store.close()
+            raise
+        self.snapshots[snap.id] = snap
+        log.info("created snapshot %s (%s, limit %d)", snap.id, store.description, limit)
+        return snap
+
+    def _check_addable(self, tracker: Tracker, snap: Snapshot | None) -> None:
+        if snap is not None and tracker.name in snap.trackers:
+            raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {snap.id}")
+        if tracker.snapshot_id is not None:
+            raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
+
+    async def add(self, snap_id: str, name: str) -> None:
+        snap = self.snapshot(snap_id)
+        tracker = self.device(name)
+        if snap.taking:
+            raise SnapfsError(errno.EBUSY, f"snapshot {snap_id} is being taken")
+        self._check_addable(tracker, snap)
+        await self.check_storage(snap)
+        if snap.destroyed:
+            raise SnapfsError(errno.ESRCH, f"snapshot {snap_id} was destroyed meanwhile")
+        snap.add(self.device(name))   # re-checks: the registry may have changed meanwhile
+
+    async def take(self, snap_id: str, nofreeze: bool) -> list[str]:
+        """The point in time (snapshot.take); returns the mount points frozen."""
+        snap = self.snapshot(snap_id)
+        if snap.taking:
+            raise SnapfsError(errno.EALREADY, f"snapshot {snap_id} is being taken")
+        snap.taking = True
+        try:
+            await self.check_storage(snap)
+            frozen = await take(snap, lambda: self._device_files(snap), nofreeze=nofreeze)
+        finally:
+            snap.taking = False
+        log.info("took snapshot %s (writes held %.3f ms)", snap_id, snap.last_take_block_ns / 1e6)
+        return frozen
+
+    def _device_files(self, snap: Snapshot) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of the members' device files as the kernel reports them
+        (blocking: a stat through this mount, so only from a worker thread)."""
+        if not self.mountpoint:
+            return set()
+        found = set()
+        for name in snap.trackers:
+            try:
+                st = os.stat(os.path.join(self.mountpoint, "devices", name))
+            except OSError as exc:
+                log.warning("device file of %s not found (%s): not freezing through it", name, exc)
+                continue
+            found.add((st.st_dev, st.st_ino))
+        return found
+
+    async def destroy(self, snap_id: str) -> None:
+        """Images gone, COW off, cached image pages dropped, storage closed once no
+        growth or fsync uses it."""
+        snap = self.snapshot(snap_id)
+        del self.snapshots[snap_id]
+        storage = snap.destroy()
+        await self.listener.snapshot_destroyed(snap)
+        await self._unused(storage)        # never close an fd a thread still uses
+        await trio.to_thread.run_sync(storage.close)
+        log.info("destroyed snapshot %s", snap_id)
+
+    async def destroy_all(self) -> None:
+        """Stop's first step: destroy every snapshot, so blocked event readers get EOF
+        and waiters ESRCH, and no request stays blocked."""
+        for snap_id in list(self.snapshots):
+            if snap_id in self.snapshots:
+                await self.destroy(snap_id)
+
+    async def wait_event(self, snap_id: str, seconds: float) -> dict:
+        """Pop the next unconsumed event, waiting up to ``seconds``. ETIMEDOUT, or
+        ESRCH when the snapshot is destroyed meanwhile."""
+        snap = self.snapshot(snap_id)
+        changed = trio.Event()
+
+        def wake() -> None:
+            changed.set()
+
+        snap.events.listeners.append(wake)
+        try:
+            with trio.move_on_after(seconds):
+                while True:
+                    event = snap.events.pop_nowait()
+                    if event is not None:
+                        return event
+                    if snap.destroyed:
+                        raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed")
+                    await changed.wait()
+                    changed = trio.Event()
+        finally:
+            snap.events.listeners.remove(wake)
+        raise SnapfsError(errno.ETIMEDOUT, f"no event within {seconds * 1000:.0f} ms")
+
+    async def sync_image(self, area: DiffArea) -> None:
+        """fsync of an image handle: make its difference storage durable (in a thread;
+        destroy waits for it before closing the fd)."""
+        if area.closed:
+            return
+        with self._using(area.storage):
+            await trio.to_thread.run_sync(area.storage.sync)
+
+    # ----- storage users: growth and fsync threads --------------------------------------
+
+    def _schedule_grow(self, storage: DiffStorage) -> bool:
+        """DiffStorage's growth hook: start the worker; False without one (grow inline)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(self._grow, storage)
+        return True
+
+    async def _grow(self, storage: DiffStorage) -> None:
+        """Growth worker: fallocate in a thread; writers keep going meanwhile."""
+        if storage.retired:
+            return
+        target = storage.requested
+        with self._using(storage):
+            try:
+                await trio.to_thread.run_sync(storage.grow_blocking, target)
+            except OSError as exc:
+                storage.grow_failed(exc)
+            else:
+                storage.grow_done(target)
+
+    @contextmanager
+    def _using(self, storage: DiffStorage) -> Iterator[None]:
+        users, idle = self._busy.setdefault(id(storage), ([0], trio.Event()))
+        users[0] += 1
+        try:
+            yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._busy[id(storage)]
+                idle.set()
+
+    async def _unused(self, storage: DiffStorage) -> None:
+        while id(storage) in self._busy:
+            await self._busy[id(storage)][1].wait()
+
+    # ----- status ----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "mountpoint": self.mountpoint,
+            "params": vars(self.params),
+            "devices": {name: t.statistics() for name, t in self.devices.items()},
+            "snapshots": {sid: s.info() for sid, s in self.snapshots.items()},
+        }
+
+
+def open_source(path: str, guard: Guard) -> Source:
+    """Blocking: refuse a source the data path would wait on itself through (stack.py),
+    then open it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"source {path}") from None
+    reason = guard.why_not(st, False)
+    if reason:
+        raise SnapfsError(errno.EINVAL, f"source {path} {reason}")
+    return Source.open(path)
