@@ -6,75 +6,21 @@ with ``--json``); the exit status is 0 on success, 1 with the error on stderr.
 """
 
 import argparse
-import contextlib
+import dataclasses
 import errno
 import json
-import logging
 import os
-import shlex
 import subprocess
 import sys
 import time
 
-from . import __version__, mountinfo
-from .control import MAX_LINE, MAX_TIMEOUT_MS
+from . import __version__
+from .client import batched_lines, command, find_mount, quote, read_cbt, read_status, send, snapfs_mounts
+from .control import COMMANDS, MAX_TIMEOUT_MS, parse_range
 from .errors import SnapfsError
 from .params import SECTOR, Params, parse_number, parse_size
+from .registry import check_name
 from .state import default_state_dir
-
-FSTYPE = "fuse.snapfs"
-
-
-# ----- talking to a mount ------------------------------------------------------------
-
-def snapfs_mounts() -> list[str]:
-    """Mount points of snapfs mounts visible to this process."""
-    return [m.mountpoint for m in mountinfo.mounts() if m.fstype == FSTYPE]
-
-
-def find_mount(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    mounts = snapfs_mounts()
-    if len(mounts) == 1:
-        return mounts[0]
-    if not mounts:
-        raise SnapfsError(errno.ENOENT, "no snapfs mount found (start one with 'snapfs mount')")
-    raise SnapfsError(errno.EINVAL, f"several snapfs mounts ({', '.join(mounts)}): use -m MOUNT")
-
-
-def send(mount: str, line: str) -> dict:
-    """Write one command to MOUNT/control, read the JSON reply on the same handle."""
-    path = os.path.join(mount, "control")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"opening {path}") from None
-    try:
-        with contextlib.suppress(OSError):   # a failed command: the reply says why
-            os.write(fd, line.encode() + b"\n")
-        data = b""
-        while chunk := os.read(fd, 1 << 20):
-            data += chunk
-    finally:
-        os.close(fd)
-    if not data:
-        raise SnapfsError(errno.EIO, "no reply from the mount")
-    return json.loads(data)
-
-
-def command(mount: str, line: str) -> dict:
-    """``send`` and raise SnapfsError for a failed command."""
-    reply = send(mount, line)
-    if not reply.get("ok"):
-        code = getattr(errno, reply.get("errno", ""), errno.EIO)
-        raise SnapfsError(code, reply.get("error", "failed"))
-    return reply
-
-
-def quote(word: str) -> str:
-    return shlex.quote(word)
-
 
 # ----- output ----------------------------------------------------------------------
 
@@ -123,84 +69,13 @@ def human(n: int) -> str:
 def cmd_mount(args) -> int:
     from . import mount
 
-    params = Params(
-        chunk_minimum=args.chunk_minimum,
-        chunk_maximum_count_shift=args.chunk_maximum_count_shift,
-        tracking_block_minimum=args.tracking_block_minimum,
-        tracking_block_maximum_count=args.tracking_block_maximum_count,
-        diff_storage_minimum=args.diff_storage_minimum,
-    ).validate()
+    params = Params(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Params)}).validate()
     config = mount.MountConfig(args.mountpoint, args.sources, params,
                                args.state_dir or default_state_dir(), args.allow_other)
     if args.daemon:
-        return daemonize(config, args)
-    setup_logging(args.log_level, args.log_file)
+        return mount.run_daemon(config, args.log_level, args.log_file)
+    mount.setup_logging(args.log_level, args.log_file)
     return mount.run(config)
-
-
-def daemonize(config, args) -> int:
-    """Fork; the child mounts and reports readiness (or its error) through a pipe;
-    the parent returns only then."""
-    from . import mount
-
-    mount.check_mountpoint(config.mountpoint)
-    config.state_dir = mount.check_state_dir(config.state_dir)
-    log_file = os.path.abspath(args.log_file or os.path.join(config.state_dir, "snapfs.log"))
-    try:
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        with open(log_file, "a"):
-            pass
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"log file {log_file}") from None
-    read_end, write_end = os.pipe()
-    if os.fork():
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode()
-        if message.startswith("ready"):
-            return 0
-        print(f"snapfs: {message.strip() or 'the daemon died before the mount was ready'}",
-              file=sys.stderr)
-        return 1
-    os.close(read_end)
-    os.setsid()
-    setup_logging(args.log_level, log_file)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-
-    def ready():
-        os.write(write_end, b"ready\n")
-        os.close(write_end)
-
-    try:
-        status = mount.run(config, ready)
-    except SnapfsError as exc:
-        os.write(write_end, str(exc).encode())
-        os._exit(1)
-    except BaseException:
-        logging.getLogger("snapfs").exception("daemon failed")
-        os._exit(1)
-    os._exit(status)
-
-
-def setup_logging(level: str, log_file: str | None) -> None:
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def read_status(mount: str) -> dict:
-    """MOUNT/status as JSON: a read, so it never waits behind a command that holds
-    the control file (the kernel runs one write to it at a time)."""
-    path = os.path.join(mount, "status")
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"reading {path}") from None
 
 
 def cmd_umount(args) -> int:
@@ -244,10 +119,8 @@ WAIT_SLICE_MS = 200
 def cmd_waitevent(args) -> int:
     """snapshot_waitevent in short slices: the kernel runs one write to ``control`` at a
     time, so one long wait would hold up every other command on the mount."""
-    if len(args.words) != 2:
-        raise SnapfsError(errno.EINVAL, "usage: snapshot_waitevent ID TIMEOUT_MS")
-    deadline = parse_number(args.words[1], "timeout (milliseconds)", MAX_TIMEOUT_MS)
-    mount, snap_id = find_mount(args.mount), args.words[0]
+    deadline = parse_number(args.timeout_ms, "timeout (milliseconds)", MAX_TIMEOUT_MS)
+    mount, snap_id = find_mount(args.mount), args.id
     end = time.monotonic() + deadline / 1000
     while True:
         left = max(0, round((end - time.monotonic()) * 1000))
@@ -282,31 +155,16 @@ def cmd_markdirty_file(args) -> int:
     return 0
 
 
-def batched_lines(head: str, words: list[str]) -> list[str]:
-    """``head word word ...`` lines of at most MAX_LINE bytes with every word once."""
-    lines, line = [], head
-    for word in words:
-        if len(line) + 1 + len(word) >= MAX_LINE and line != head:
-            lines.append(line)
-            line = head
-        line += " " + word
-    return [*lines, line]
-
-
-# the words of these commands that are paths: sent absolute (the daemon has its own cwd)
-PATH_WORDS = {"attach": 1, "snapshot_create": 0}
-
-
 def cmd_control(args) -> int:
-    """Any control command: the words are sent as one line."""
+    """Any control command: the checked arguments are sent as one line."""
+    if args.command == "markdirtyblock" and (args.file is None) == (args.name is None or not args.ranges):
+        raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME SECTOR:COUNT...")
     if getattr(args, "file", None):
-        if args.words:
-            raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME RANGES")
         return cmd_markdirty_file(args)
-    index = PATH_WORDS.get(args.command)
-    if index is not None and len(args.words) > index:
-        args.words[index] = os.path.abspath(args.words[index])
-    words = [args.command, *args.words]
+    words = [args.command]
+    for dest in args.dests:
+        value = getattr(args, dest)
+        words += value if isinstance(value, list) else [] if value is None else [value]
     if getattr(args, "nofreeze", False):
         words.append("nofreeze")
     reply = command(find_mount(args.mount), " ".join(quote(w) for w in words))
@@ -345,25 +203,6 @@ def format_event(ev: dict) -> str:
     return f"{when} {ev}"
 
 
-def read_cbt(mount: str, name: str) -> tuple[dict, bytes]:
-    """cbt/NAME/info and cbt/NAME/map read consistently (retried if a take happened
-    between the two reads)."""
-    base = os.path.join(mount, "cbt", name)
-    for _ in range(10):
-        try:
-            with open(os.path.join(base, "info"), "rb") as f:
-                info = json.loads(f.read())
-            with open(os.path.join(base, "map"), "rb") as f:
-                cbt_map = f.read()
-            with open(os.path.join(base, "info"), "rb") as f:
-                again = json.loads(f.read())
-        except FileNotFoundError:
-            raise SnapfsError(errno.ENOENT, f"no device named {name!r}") from None
-        if info == again and len(cbt_map) == info["block_count"]:
-            return info, cbt_map
-    raise SnapfsError(errno.EAGAIN, "the CBT kept changing while it was read; try again")
-
-
 def cmd_cbt_changes(args) -> int:
     """Changed byte ranges since a previous backup's (generation_id, changes_number)."""
     from .cbt import changed_runs
@@ -388,20 +227,43 @@ def cmd_cbt_changes(args) -> int:
     return 0
 
 
-CONTROL_COMMANDS = {
-    "version": "print the daemon's version",
-    "attach": "NAME PATH: add a device at run time",
-    "detach": "NAME: remove a device (its CBT history is lost)",
-    "cbtinfo": "NAME: CBT block size, count, generation, changes number",
-    "markdirtyblock": "NAME SECTOR:COUNT...: mark 512-byte sector ranges changed",
-    "snapshot_create": "STORAGE LIMIT [NAME...]: new snapshot, prints its id",
-    "snapshot_add": "ID NAME: add a device before take",
-    "snapshot_take": "ID [--nofreeze]: the point in time",
-    "snapshot_destroy": "ID: remove images, free the storage",
-    "snapshot_collect": "list snapshot ids",
-    "snapshot_info": "NAME: snapshot id, image path and error code of a device",
-    "snapshot_waitevent": "ID TIMEOUT_MS: pop the next event",
+def _checked(check):
+    """An argparse type that validates with ``check`` and keeps the text."""
+    def convert(text: str) -> str:
+        try:
+            check(text)
+        except SnapfsError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        return text
+    return convert
+
+
+# what each word of a usage line (control.COMMANDS) accepts
+ARG_TYPES = {
+    "NAME": _checked(check_name), "PATH": os.path.abspath, "STORAGE": os.path.abspath,
+    "LIMIT": _checked(parse_size), "ID": str, "SECTOR:COUNT": _checked(lambda t: parse_range(t, 1 << 63)),
+    "TIMEOUT_MS": _checked(lambda t: parse_number(t, "timeout (milliseconds)", MAX_TIMEOUT_MS)),
 }
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) -> list[str]:
+    """Positional arguments from a usage line (``NAME PATH``, ``ID [nofreeze]``,
+    ``STORAGE LIMIT [NAME...]``); returns their dests in order."""
+    dests = []
+    for token in usage.split():
+        optional, many = token.startswith("["), token.rstrip("]").endswith("...")
+        word = token.strip("[]").rstrip(".")
+        if word == "nofreeze":
+            parser.add_argument("--nofreeze", action="store_true",
+                                help="do not freeze filesystems stacked on the devices")
+            continue
+        if verb == "markdirtyblock":      # or --file instead
+            optional = True
+        nargs = ("*" if optional else "+") if many else ("?" if optional else None)
+        dest = {"SECTOR:COUNT": "ranges", "NAME": "names" if many else "name"}.get(word, word.lower())
+        parser.add_argument(dest, metavar=word, nargs=nargs, type=ARG_TYPES.get(word, str))
+        dests.append(dest)
+    return dests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,13 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)")
     m.add_argument("mountpoint")
     m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
-    defaults = Params()
-    m.add_argument("--chunk-minimum", type=_size, default=defaults.chunk_minimum)
-    m.add_argument("--chunk-maximum-count-shift", type=int, default=defaults.chunk_maximum_count_shift)
-    m.add_argument("--tracking-block-minimum", type=_size, default=defaults.tracking_block_minimum)
-    m.add_argument("--tracking-block-maximum-count", type=int,
-                   default=defaults.tracking_block_maximum_count)
-    m.add_argument("--diff-storage-minimum", type=_size, default=defaults.diff_storage_minimum)
+    for f in dataclasses.fields(Params):
+        m.add_argument("--" + f.name.replace("_", "-"), type=_size if f.name.endswith("_minimum") else int,
+                       default=f.default)
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
     m.add_argument("-o", dest="fuse_options", action="append", default=[],
                    help="FUSE option; only allow_other is accepted")
@@ -452,17 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("changes_number", type=int)
     cc.set_defaults(func=cmd_cbt_changes)
 
-    for name, text in CONTROL_COMMANDS.items():
-        c = sub.add_parser(name, parents=[common], help=text)
-        c.add_argument("words", nargs="*")
+    for name, verb in COMMANDS.items():
+        if name == "status":
+            continue                      # the table above
+        c = sub.add_parser(name, parents=[common], help=f"{verb.usage}: {verb.help}" if verb.usage
+                           else verb.help)
+        dests = add_usage_arguments(c, name, verb.usage)
         if name == "markdirtyblock":
             c.add_argument("--file", help="mark the blocks of this file (in a filesystem stacked "
                            "on a snapfs device through a loop device)")
-        if name == "snapshot_take":
-            c.add_argument("--nofreeze", action="store_true",
-                           help="do not freeze filesystems stacked on the devices")
         c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
-                       command=name)
+                       command=name, dests=dests)
     return p
 
 

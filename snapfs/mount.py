@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -190,3 +191,55 @@ def stop_cleanly(registry: Registry, state: StateStore) -> None:
         except OSError as exc:
             log.error("saving CBT of %s failed: %s (next mount: new generation)", tracker.name, exc)
         tracker.source.close()
+
+
+def run_daemon(config: MountConfig, log_level: str, log_file: str | None) -> int:
+    """``snapfs mount --daemon``: fork; the child mounts and reports readiness (or its
+    error) through a pipe; the parent returns only then (0 ready, 1 failed)."""
+    check_mountpoint(config.mountpoint)
+    config.state_dir = check_state_dir(config.state_dir)
+    log_file = os.path.abspath(log_file or os.path.join(config.state_dir, "snapfs.log"))
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        with open(log_file, "a"):
+            pass
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"log file {log_file}") from None
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode()
+        if message.startswith("ready"):
+            return 0
+        print(f"snapfs: {message.strip() or 'the daemon died before the mount was ready'}",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    setup_logging(log_level, log_file)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready():
+        os.write(write_end, b"ready\n")
+        os.close(write_end)
+
+    try:
+        status = run(config, ready)
+    except SnapfsError as exc:
+        os.write(write_end, str(exc).encode())
+        os._exit(1)
+    except BaseException:
+        logging.getLogger("snapfs").exception("daemon failed")
+        os._exit(1)
+    os._exit(status)
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

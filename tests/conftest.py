@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.cli import send
+from snapfs.client import send
 
 FUSERMOUNT = shutil.which("fusermount3")
 

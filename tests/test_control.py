@@ -21,7 +21,7 @@ import pytest
 from conftest import make_device, requires_fuse
 
 from snapfs import __version__
-from snapfs.cli import snapfs_mounts
+from snapfs.client import snapfs_mounts
 
 pytestmark = requires_fuse
 

@@ -147,7 +147,7 @@ def test_storage_on_a_snapfs_mount_or_a_pseudo_filesystem_is_refused(mounter, tm
 
 WAITER = """
 import errno, json, sys
-from snapfs.cli import send
+from snapfs.client import send
 try:
     print(send(sys.argv[1], sys.argv[2])["errno"], flush=True)
 except OSError as exc:      # the mount went away before the reply was read

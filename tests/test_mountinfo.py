@@ -8,7 +8,7 @@ import subprocess
 from conftest import FUSERMOUNT, SnapMount, make_device, requires_fuse
 
 from snapfs import mountinfo
-from snapfs.cli import snapfs_mounts
+from snapfs.client import snapfs_mounts
 
 MiB = 1 << 20
 ODD = "snap shots\tand\\back"

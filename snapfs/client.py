@@ -1,0 +1,108 @@
+"""Talking to a running mount from another process: find it, send a command line to
+its control file and read the JSON reply, read its status and CBT files.
+
+The CLI, the tests and backup tools use this module; it never imports the daemon's
+modules (trio, pyfuse3), so it is cheap to import.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shlex
+
+from . import mountinfo
+from .errors import SnapfsError
+
+FSTYPE = "fuse.snapfs"
+MAX_LINE = 8192          # the daemon's limit for one command line (control.MAX_LINE)
+
+
+def snapfs_mounts() -> list[str]:
+    """Mount points of snapfs mounts visible to this process."""
+    return [m.mountpoint for m in mountinfo.mounts() if m.fstype == FSTYPE]
+
+
+def find_mount(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    mounts = snapfs_mounts()
+    if len(mounts) == 1:
+        return mounts[0]
+    if not mounts:
+        raise SnapfsError(errno.ENOENT, "no snapfs mount found (start one with 'snapfs mount')")
+    raise SnapfsError(errno.EINVAL, f"several snapfs mounts ({', '.join(mounts)}): use -m MOUNT")
+
+
+def send(mount: str, line: str) -> dict:
+    """Write one command to MOUNT/control, read the JSON reply on the same handle."""
+    path = os.path.join(mount, "control")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+    try:
+        with contextlib.suppress(OSError):   # a failed command: the reply says why
+            os.write(fd, line.encode() + b"\n")
+        data = b""
+        while chunk := os.read(fd, 1 << 20):
+            data += chunk
+    finally:
+        os.close(fd)
+    if not data:
+        raise SnapfsError(errno.EIO, "no reply from the mount")
+    return json.loads(data)
+
+
+def command(mount: str, line: str) -> dict:
+    """``send`` and raise SnapfsError for a failed command."""
+    reply = send(mount, line)
+    if not reply.get("ok"):
+        code = getattr(errno, reply.get("errno", ""), errno.EIO)
+        raise SnapfsError(code, reply.get("error", "failed"))
+    return reply
+
+
+def quote(word: str) -> str:
+    return shlex.quote(word)
+
+
+def read_status(mount: str) -> dict:
+    """MOUNT/status as JSON: a read, so it never waits behind a command that holds
+    the control file (the kernel runs one write to it at a time)."""
+    path = os.path.join(mount, "status")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"reading {path}") from None
+
+
+def read_cbt(mount: str, name: str) -> tuple[dict, bytes]:
+    """cbt/NAME/info and cbt/NAME/map read consistently (retried if a take happened
+    between the two reads)."""
+    base = os.path.join(mount, "cbt", name)
+    for _ in range(10):
+        try:
+            with open(os.path.join(base, "info"), "rb") as f:
+                info = json.loads(f.read())
+            with open(os.path.join(base, "map"), "rb") as f:
+                cbt_map = f.read()
+            with open(os.path.join(base, "info"), "rb") as f:
+                again = json.loads(f.read())
+        except FileNotFoundError:
+            raise SnapfsError(errno.ENOENT, f"no device named {name!r}") from None
+        if info == again and len(cbt_map) == info["block_count"]:
+            return info, cbt_map
+    raise SnapfsError(errno.EAGAIN, "the CBT kept changing while it was read; try again")
+
+
+def batched_lines(head: str, words: list[str]) -> list[str]:
+    """``head word word ...`` lines of at most MAX_LINE bytes with every word once."""
+    lines, line = [], head
+    for word in words:
+        if len(line) + 1 + len(word) >= MAX_LINE and line != head:
+            lines.append(line)
+            line = head
+        line += " " + word
+    return [*lines, line]
