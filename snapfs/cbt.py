@@ -95,13 +95,9 @@ class CBT:
 
     def info(self) -> dict:
         """The public summary (``cbt/NAME/info``, ``cbtinfo``)."""
-        return {
-            "block_size": self.block_size,
-            "device_capacity": self.capacity,
-            "block_count": self.block_count,
-            "generation_id": self.generation_id,
-            "changes_number": self.changes_number,
-        }
+        return dict(block_size=self.block_size, device_capacity=self.capacity,
+                    block_count=self.block_count, generation_id=self.generation_id,
+                    changes_number=self.changes_number)
 
     def changed_ranges(self, generation_id: str, since: int) -> Iterator[tuple[int, int]] | None:
         """Byte ranges (offset, length) whose read-map value exceeds ``since``, merged

@@ -34,33 +34,55 @@ def find_mount(explicit: str | None) -> str:
     raise SnapfsError(errno.EINVAL, f"several snapfs mounts ({', '.join(mounts)}): use -m MOUNT")
 
 
+class Connection:
+    """One open handle on MOUNT/control, reused for many commands. Each command is one
+    write; its JSON reply is read on the same handle (DESIGN: reads ignore offsets)."""
+
+    def __init__(self, mount: str):
+        path = os.path.join(mount, "control")
+        try:
+            self.fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+
+    def send(self, line: str) -> dict:
+        """The reply to ``line``, whether the command succeeded or not."""
+        with contextlib.suppress(OSError):   # a failed command: the reply says why
+            os.write(self.fd, line.encode() + b"\n")
+        data = b""
+        while chunk := os.read(self.fd, 1 << 20):
+            data += chunk
+        if not data:
+            raise SnapfsError(errno.EIO, "no reply from the mount")
+        return json.loads(data)
+
+    def command(self, line: str) -> dict:
+        """``send``, raising SnapfsError (the reply's errno and message) on failure."""
+        reply = self.send(line)
+        if not reply.get("ok"):
+            raise SnapfsError(getattr(errno, reply.get("errno", ""), errno.EIO), reply.get("error", "failed"))
+        return reply
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def send(mount: str, line: str) -> dict:
     """Write one command to MOUNT/control, read the JSON reply on the same handle."""
-    path = os.path.join(mount, "control")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"opening {path}") from None
-    try:
-        with contextlib.suppress(OSError):   # a failed command: the reply says why
-            os.write(fd, line.encode() + b"\n")
-        data = b""
-        while chunk := os.read(fd, 1 << 20):
-            data += chunk
-    finally:
-        os.close(fd)
-    if not data:
-        raise SnapfsError(errno.EIO, "no reply from the mount")
-    return json.loads(data)
+    with Connection(mount) as conn:
+        return conn.send(line)
 
 
 def command(mount: str, line: str) -> dict:
     """``send`` and raise SnapfsError for a failed command."""
-    reply = send(mount, line)
-    if not reply.get("ok"):
-        code = getattr(errno, reply.get("errno", ""), errno.EIO)
-        raise SnapfsError(code, reply.get("error", "failed"))
-    return reply
+    with Connection(mount) as conn:
+        return conn.command(line)
 
 
 def quote(word: str) -> str:

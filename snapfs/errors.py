@@ -1,9 +1,14 @@
 """The one exception type of snapfs.
 
 Every expected failure in the domain core is a :class:`SnapfsError` carrying an errno
-and a message for humans. The FUSE adapter (``fs.py``) turns it into ``FUSEError`` in
-one place; the control file (``control.py``) turns it into a JSON reply. Anything that
-is not a ``SnapfsError`` is a bug and is allowed to propagate.
+and a message for humans. The FUSE adapter (``fs._fuse_errors``) turns it into
+``FUSEError`` in one place; the control file (``control.handle``) turns it into a JSON
+reply and the write's errno. OSError from the kernel keeps its errno there too.
+
+Anything else is a bug. Inside a request it is logged once, with its traceback, and
+answered with EIO (a control command also gets a reply): the mount keeps serving, so
+the workload's devices stay up. Outside requests (building the mount, the CLI) it
+propagates: a mount that cannot start says so and exits.
 """
 
 import errno as _errno

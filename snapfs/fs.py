@@ -4,7 +4,8 @@
 Tree (docs/design.md): ``control``, ``status``, ``devices/NAME``,
 ``snapshots/ID/{NAME,info,events}``, ``cbt/NAME/{info,map}``. Each entry is an object
 of a kind below (``DeviceFile``, ``ImageFile``, ``JsonFile``, ``ControlFile``,
-``EventsFile``, ``CbtMapFile``, and the directories); its ``key`` (kind, objects)
+``EventsFile``, ``CbtMapFile``; ``RootDir``, ``ListingDir``, ``SnapshotDir``,
+``CbtDeviceDir``); its ``key`` (kind, objects)
 identifies it. Children are computed from the registry on every lookup; inode
 numbers are handed out once per key and never reused. A node whose entry is gone
 answers ENOENT, and is dropped from the table when the kernel forgets it.
@@ -234,21 +235,19 @@ class RootDir(Dir):
 
     def children(self, registry):
         return {"control": ControlFile(), "status": JsonFile(("status",), registry.status),
-                "devices": DevicesDir(), "snapshots": SnapshotsDir(), "cbt": CbtDir()}
+                "devices": ListingDir("devices", "devices", DeviceFile),
+                "snapshots": ListingDir("snapshots", "snapshots", SnapshotDir),
+                "cbt": ListingDir("cbt", "devices", CbtDeviceDir)}
 
 
-class DevicesDir(Dir):
-    key = ("devices",)
+class ListingDir(Dir):
+    """``devices``, ``snapshots``, ``cbt``: one entry per object of a registry table."""
 
-    def children(self, registry):
-        return {name: DeviceFile(t) for name, t in registry.devices.items()}
-
-
-class SnapshotsDir(Dir):
-    key = ("snapshots",)
+    def __init__(self, name: str, table: str, make):
+        self.key, self.table, self.make = (name,), table, make
 
     def children(self, registry):
-        return {sid: SnapshotDir(s) for sid, s in registry.snapshots.items()}
+        return {name: self.make(obj) for name, obj in getattr(registry, self.table).items()}
 
 
 class SnapshotDir(Dir):
@@ -259,13 +258,6 @@ class SnapshotDir(Dir):
         snap = self.snap
         images = {name: ImageFile(snap, name) for name in snap.areas} if snap.taken else {}
         return {"info": JsonFile(("info", snap), snap.info), "events": EventsFile(snap), **images}
-
-
-class CbtDir(Dir):
-    key = ("cbt",)
-
-    def children(self, registry):
-        return {name: CbtDeviceDir(t) for name, t in registry.devices.items()}
 
 
 class CbtDeviceDir(Dir):
@@ -392,8 +384,9 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, owner_uid: int, owner_gid: int):
+    def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode):
         super().__init__()
+        self._invalidate = invalidate     # tests without a mount pass a recorder
         self.registry: Registry | None = None
         self.owner = (owner_uid, owner_gid)
         self.waiters = Waiters()
@@ -420,7 +413,7 @@ class Operations(pyfuse3.Operations):
         inodes = [i for key, i in self._by_key.items() if key[0] == "image" and key[1] is snap]
         for inode in inodes:
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+                await trio.to_thread.run_sync(self._invalidate, inode)
             except OSError as exc:     # ENOENT: the kernel never looked it up
                 log.debug("invalidating image inode %d: %s", inode, exc)
 

@@ -7,42 +7,34 @@ The map a backup tool reads is ``cbt/NAME/map`` (the read map) and the numbers a
 wrap-around and unclean stops start a new generation; clean stops keep everything.
 """
 
-import contextlib
 import json
 import os
 import random
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from conftest import make_device, requires_fuse
+from helpers import KiB, MiB, make_device, requires_fuse, state_files
+
+from snapfs.client import Connection
 
 pytestmark = requires_fuse
 
-KiB, MiB = 1024, 1024 * 1024
 BS = 64 * KiB                    # default tracking block size for small devices
 OPTIONS = ["--chunk-minimum", "64K", "--diff-storage-minimum", "8M"]
 
 
 # ----- helpers ----------------------------------------------------------------------
 
-class Control:
-    """One open handle on the control file, reused for many commands (fast)."""
+class Control(Connection):
+    """A client connection (one handle, fast) with backup-cycle shortcuts."""
 
     def __init__(self, m):
-        self.fd = os.open(m.p("control"), os.O_RDWR)
+        super().__init__(m.path)
 
     def run(self, line: str) -> dict:
-        with contextlib.suppress(OSError):          # a failed command: the reply says why
-            os.write(self.fd, line.encode() + b"\n")
-        data = b""
-        while chunk := os.read(self.fd, 1 << 20):
-            data += chunk
-        reply = json.loads(data)
-        assert reply["ok"], (line, reply)
-        return reply
+        return self.command(line)
 
     def take(self, storage: str, *names: str) -> str:
         """snapshot_create + snapshot_take nofreeze; returns the id (still taken)."""
@@ -53,9 +45,6 @@ class Control:
     def cycle(self, storage: str, *names: str) -> None:
         """A whole backup cycle: create, take, destroy."""
         self.run(f"snapshot_destroy {self.take(storage, *names)}")
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def info(m, name: str = "d0") -> dict:
@@ -86,11 +75,6 @@ def write_dev(m, offset: int, data: bytes, name: str = "d0") -> None:
         assert os.pwrite(fd, data, offset) == len(data)
     finally:
         os.close(fd)
-
-
-def state_files(state_dir: Path) -> list[Path]:
-    d = state_dir / "cbt"
-    return sorted(d.glob("*.cbt")) if d.exists() else []
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import shutil
 import sys
 
 import pytest
+from helpers import state_files
 
 from snapfs.cbt import CBT, MAX_NUMBER
 from snapfs.params import GiB, KiB, MiB, Params, TiB, tracking_block_size
@@ -298,18 +299,13 @@ def populated_cbt(source: Source) -> CBT:
     return c
 
 
-def state_files(tmp_path) -> list[str]:
-    d = tmp_path / "state" / "cbt"
-    return sorted(os.listdir(d)) if d.exists() else []
-
-
 def test_save_load_round_trip(tmp_path, opened):
     store = StateStore(str(tmp_path / "state"), Params())
     src = opened()
     c = populated_cbt(src)
     store.save(src, c)
-    assert state_files(tmp_path) == [os.path.basename(store.path_for(src))]
-    assert not any(f.endswith(".tmp") for f in state_files(tmp_path))
+    assert [f.name for f in state_files(tmp_path / "state")] == [os.path.basename(store.path_for(src))]
+    assert not list((tmp_path / "state" / "cbt").glob("*.tmp"))
 
     loaded = StateStore(str(tmp_path / "state"), Params()).load(opened())
     assert loaded is not None
@@ -511,13 +507,13 @@ def test_consume_removes_loaded_files_only(tmp_path, source_file):
         store = StateStore(str(tmp_path / "state"), Params())
         store.save(a, populated_cbt(a))
         store.save(b, populated_cbt(b))
-        assert len(state_files(tmp_path)) == 2
+        assert len([f.name for f in state_files(tmp_path / "state")]) == 2
 
         runner = StateStore(str(tmp_path / "state"), Params())
         assert runner.load(a) is not None
-        assert len(state_files(tmp_path)) == 2, "loading alone keeps the file"
+        assert len([f.name for f in state_files(tmp_path / "state")]) == 2, "loading alone keeps the file"
         runner.consume()
-        assert state_files(tmp_path) == [os.path.basename(store.path_for(b))]
+        assert [f.name for f in state_files(tmp_path / "state")] == [os.path.basename(store.path_for(b))]
         assert runner.load(a) is None, "after consume a crash leaves nothing to trust"
         runner.consume()
     finally:
@@ -542,7 +538,7 @@ def test_save_overwrites_atomically(tmp_path, opened):
     store.save(src, c)
     c.switch()
     store.save(src, c)
-    assert len(state_files(tmp_path)) == 1
+    assert len([f.name for f in state_files(tmp_path / "state")]) == 1
     loaded = store.load(opened())
     assert loaded is not None and loaded.changes_number == 3
     assert oct(os.stat(tmp_path / "state" / "cbt").st_mode & 0o777) == oct(0o700)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import make_device, requires_fuse
+from helpers import MiB, make_device, read_all, requires_fuse, snapfs_cli
 
 from snapfs import __version__
 from snapfs.client import snapfs_mounts
@@ -26,17 +26,9 @@ from snapfs.client import snapfs_mounts
 pytestmark = requires_fuse
 
 NOBODY = 65534
-MiB = 1024 * 1024
 
 
 # ----- helpers -------------------------------------------------------------------------
-
-def read_reply(fd: int) -> bytes:
-    data = b""
-    while chunk := os.read(fd, 65536):
-        data += chunk
-    return data
-
 
 def raw_command(m, data: bytes) -> tuple[int | None, dict]:
     """Write ``data`` as is to a fresh control handle; return (errno of the write or
@@ -49,7 +41,7 @@ def raw_command(m, data: bytes) -> tuple[int | None, dict]:
             assert n == len(data)
         except OSError as exc:
             code = exc.errno
-        reply = json.loads(read_reply(fd))
+        reply = json.loads(read_all(fd))
     finally:
         os.close(fd)
     return code, reply
@@ -79,11 +71,6 @@ def wait_ok(m, line: str, timeout: float = 3.0) -> dict:
         if reply["ok"] or reply["errno"] != "EBUSY" or time.monotonic() > deadline:
             return reply
         time.sleep(0.02)
-
-
-def snapfs_cli() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "snapfs")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "snapfs"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -517,12 +504,12 @@ def test_reads_ignore_offset(m):
         os.close(fd)
 
 
-def test_new_command_replaces_unread_reply(m):
+def test_new_command_replaces_unread_all(m):
     fd = os.open(m.p("control"), os.O_RDWR)
     try:
         os.write(fd, b"version\n")
         os.write(fd, b"snapshot_collect\n")
-        assert json.loads(read_reply(fd)) == {"ok": True, "ids": []}
+        assert json.loads(read_all(fd)) == {"ok": True, "ids": []}
     finally:
         os.close(fd)
 
@@ -535,11 +522,11 @@ def test_two_handles_have_independent_replies(m):
         with pytest.raises(OSError) as info:
             os.write(b, b"detach nosuch\n")
         assert info.value.errno == errno.ENOENT
-        reply_b = json.loads(read_reply(b))
-        reply_a = json.loads(read_reply(a))
+        reply_b = json.loads(read_all(b))
+        reply_a = json.loads(read_all(a))
         assert reply_a == {"ok": True, "version": __version__}
         assert reply_b["ok"] is False and reply_b["errno"] == "ENOENT"
-        assert read_reply(a) == b"" and read_reply(b) == b""
+        assert read_all(a) == b"" and read_all(b) == b""
     finally:
         os.close(a)
         os.close(b)

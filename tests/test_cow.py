@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import make_device, requires_fuse
+from helpers import MiB, make_device, requires_fuse
 from workload import (
     Writer,
     chunk_mismatches,
@@ -23,7 +23,6 @@ from workload import (
 pytestmark = requires_fuse
 
 CHUNK = 64 * 1024
-MiB = 1024 * 1024
 
 
 def timed_take(m, snap_id: str) -> tuple[float, float]:

@@ -16,20 +16,15 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import KiB, MiB, run
 
 from snapfs import fiemap
 from snapfs.errors import SnapfsError
 from snapfs.fiemap import backing_device_file, file_extents
 
-KiB, MiB = 1024, 1024 * 1024
-
 needs_loop = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("mkfs.ext4"),
     reason="needs root, losetup and mkfs.ext4")
-
-
-def run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @contextlib.contextmanager

@@ -13,11 +13,10 @@ import random
 import time
 import uuid
 
-from conftest import abort_fuse, bounded, make_device, requires_fuse
+from helpers import MiB, abort_fuse, bounded, make_device, requires_fuse
 
 pytestmark = requires_fuse
 
-MiB = 1 << 20
 SEED = 20261123
 INPUTS = 3000
 SECONDS = 40          # the fuzz stops early rather than run long on a slow machine

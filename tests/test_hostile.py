@@ -18,20 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import abort_fuse, bounded, is_mounted, make_device, requires_fuse
+from helpers import MiB, abort_fuse, bounded, is_mounted, make_device, requires_fuse, run, snapfs
 
 pytestmark = requires_fuse
 
-MiB = 1 << 20
-SNAPFS = [sys.executable, "-m", "snapfs"]
-
-
-def run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-
-
-def snapfs(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*SNAPFS, *args], capture_output=True, text=True, timeout=60, **kw)
 
 
 def sparse(path: Path, size: int) -> str:

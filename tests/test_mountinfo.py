@@ -5,12 +5,11 @@ sources, storage, and a filesystem stacked on a device. The kernel escapes these
 import os
 import subprocess
 
-from conftest import FUSERMOUNT, SnapMount, make_device, requires_fuse
+from helpers import FUSERMOUNT, MiB, SnapMount, make_device, requires_fuse
 
 from snapfs import mountinfo
 from snapfs.client import snapfs_mounts
 
-MiB = 1 << 20
 ODD = "snap shots\tand\\back"
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import requires_fuse
+from helpers import requires_fuse
 
 pytestmark = requires_fuse
 

@@ -8,15 +8,10 @@ import subprocess
 import threading
 import time
 
-from conftest import make_device, requires_fuse
+from helpers import MiB, make_device, requires_fuse, run
 
 pytestmark = requires_fuse
 
-MiB = 1024 * 1024
-
-
-def run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def md5(path) -> str:

@@ -20,19 +20,16 @@ import os
 import random
 import select
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import make_device, requires_fuse
+from helpers import KiB, MiB, make_device, requires_fuse, snapfs_cli
 from workload import Writer, final_content
 
 pytestmark = requires_fuse
 
-KiB = 1024
-MiB = 1024 * KiB
 CHUNK = 64 * KiB
 
 
@@ -50,11 +47,6 @@ def tmpfs(path: Path, size: str):
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def snapfs_cli() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "snapfs")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "snapfs"]
 
 
 def free_bytes(path: str) -> int:

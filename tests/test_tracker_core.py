@@ -5,6 +5,7 @@ import os
 
 import trio
 import trio.testing
+from helpers import MiB
 
 from snapfs.diffstorage import DiffStorage
 from snapfs.params import Params
@@ -12,7 +13,6 @@ from snapfs.snapshot import Snapshot
 from snapfs.source import Source
 from snapfs.tracker import Tracker
 
-MiB = 1024 * 1024
 PARAMS = Params(chunk_minimum=64 * 1024, diff_storage_minimum=8 * MiB)
 
 
