@@ -36,7 +36,7 @@ def find_mount(explicit: str | None) -> str:
 
 class Connection:
     """One open handle on MOUNT/control, reused for many commands. Each command is one
-    write; its JSON reply is read on the same handle (DESIGN: reads ignore offsets)."""
+    write; its JSON reply is read on the same handle (docs/design.md section 3: reads ignore offsets)."""
 
     def __init__(self, mount: str):
         path = os.path.join(mount, "control")

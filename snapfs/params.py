@@ -52,7 +52,7 @@ def _is_power_of_two(n: int) -> bool:
 
 @dataclass(frozen=True)
 class Params:
-    """Mount-wide tunables (DESIGN.md section 6). All sizes in bytes."""
+    """Mount-wide tunables (docs/design.md section 6). All sizes in bytes."""
 
     chunk_minimum: int = 256 * KiB
     chunk_maximum_count_shift: int = 40

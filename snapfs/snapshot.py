@@ -3,18 +3,18 @@
 Lifecycle: created (devices may be added) -> taken (images exist, COW on) ->
 destroyed (images gone, COW off, storage freed; tracking goes on).
 
-Take (DESIGN.md section 5), in ``take``:
+Take (docs/design.md section 5), in ``take``:
     1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
        serving the flush);
     2. close every member's write gate and wait for admitted writes;
-    3. (DESIGN's fsync of the sources: not done, see below);
+    3. (the founding contract's fsync of the sources: not done, see below);
     4. ``switch``: one synchronous step, no await: build every diff area, switch every
        CBT, enable COW;
     5. open the gates; thaw (always, even on failure).
 Writes wait only during 2-4. A failure before 4 changes nothing; 4 builds everything
 that can fail (the areas) before it commits anything.
 
-Why take does not fsync the sources (a deliberate change from DESIGN.md section 5):
+Why take does not fsync the sources (the founding contract did; docs/design.md section 5):
 the images read the same page cache as the sources, so the point in time does not
 depend on durability, and a filesystem frozen in step 1 has already flushed through
 its loop device (the loop flush reaches ``Operations.fsync``). The fsync was measured

@@ -9,7 +9,7 @@ Write path (``write``), one atomic step on the trio thread once admitted by the 
 Errors of step 4 are real device errors and reach the writer as-is.
 
 The gate implements take's "stop admitting writes, wait for in-flight ones"
-(DESIGN.md section 5 step 2). It is the only trio-aware part of the core.
+(docs/design.md section 5 step 2). It is the only trio-aware part of the core.
 """
 
 import errno

@@ -1,4 +1,4 @@
-"""Changed-block tracking through a real mount (DESIGN.md sections 2-4).
+"""Changed-block tracking through a real mount (docs/design.md sections 2-4).
 
 The map a backup tool reads is ``cbt/NAME/map`` (the read map) and the numbers are in
 ``cbt/NAME/info``. The contract checked here: the read map only changes at a take
@@ -637,7 +637,7 @@ def test_state_of_a_device_attached_at_run_time_is_consumed(mounter, device, sto
 
 @pytest.mark.parametrize("how", ["write", "markdirtyblock"])
 def test_detach_forgets_cbt_history(mounter, device, storage_dir, tmp_path, how):
-    """DESIGN: detach removes the device, CBT history gone: attaching it again must
+    """docs/design.md: detach removes the device, CBT history gone: attaching it again must
     start a new generation, even when its CBT was restored from state at attach."""
     m2, _, other, _, gen = _attached_from_saved_state(mounter, device, tmp_path)
     _change_d1(m2, how)

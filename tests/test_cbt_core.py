@@ -1,7 +1,7 @@
 """Unit tests of the CBT core (snapfs/cbt.py) and its persistence (snapfs/state.py).
 
 No FUSE: these build CBT objects directly and use a real temporary file as the
-Source. The semantics under test are DESIGN.md section 4 "Tracking (CBT)" and the
+Source. The semantics under test are docs/design.md section 4 "Tracking (CBT)" and the
 module docstrings of cbt.py (wrap-around) and state.py (format, clean-stop rule).
 """
 

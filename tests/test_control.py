@@ -1,4 +1,4 @@
-"""The control file against a real mount (DESIGN.md sections 2-4).
+"""The control file against a real mount (docs/design.md sections 2-4).
 
 Every errno row of the command table, the write/read protocol, the uid check,
 malformed lines, the CLI front end, fixed sizes and the modes and owners of the files.

@@ -1,4 +1,4 @@
-"""Difference storage and events against a real mount (DESIGN.md section 4
+"""Difference storage and events against a real mount (docs/design.md section 4
 "Difference storage", "Events", "The original never fails because of the snapshot";
 blksnap notes 2.5-2.6 and the 2000-stretch / 2100-overflow tests).
 

@@ -6,7 +6,7 @@ with real temporary files as sources and storage. Storage I/O failures are injec
 with the ``DiffStorage.fault`` hook (called with "write", "read" or "grow" before
 the real operation; it may raise OSError).
 
-Semantics under test (DESIGN.md section 4): a storage failure corrupts the image of
+Semantics under test (docs/design.md section 4): a storage failure corrupts the image of
 the device whose chunk was being copied (event ``corrupted`` with the errno, image
 I/O fails with EIO, ``snapshot_info`` error_code -errno), sticky until destroy; the
 original's write always lands; destroy always works and closes the storage; a failed
