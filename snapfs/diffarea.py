@@ -9,11 +9,16 @@ Fields:
         costs chunk_count bits plus one entry per copied chunk).
     error: 0, or the positive errno that corrupted this image (sticky until destroy).
 
-Design: every method is synchronous and runs on the trio thread with no await, so a
-copy, its bookkeeping and the write that caused it form one atomic step: no other
-request can observe a half-copied chunk, and no lock is needed (docs/concurrency.md).
-Chunk I/O is plain pread/pwrite on page-cached files; the old data is in the storage
-file's page cache (at least as safe as "in memory") before the device write proceeds.
+Ordering (docs/concurrency.md): I/O runs in worker threads, so other requests run
+while a chunk is being copied. Per chunk, ``_copying[i]`` is the event of the copy in
+flight: a write (device or image) that finds chunk i uncopied either starts the one
+copy (allocating the slot, then reading the source and writing the storage in a
+thread) or waits for it, and a device write reaches the source only after every
+chunk it touches is copied. ``copied[i]`` is set after the storage holds the data.
+An image read of uncopied chunks reads the source and then checks that none of them
+was copied meanwhile (a copy precedes the source write that would change them); if
+one was, it reads again. Every thread using the source or storage for this area is
+counted in ``storage.in_flight``, which destroy drains before closing the storage.
 
 Error handling: COW failures (overflow, storage I/O errors, source read errors while
 copying) corrupt the image and post a ``corrupted`` event, and are swallowed by
@@ -23,8 +28,10 @@ SnapfsError(EIO) once corrupted or destroyed.
 
 import errno
 
+import trio
 from bitarray import bitarray
 
+from . import workers
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
@@ -47,41 +54,60 @@ class DiffArea:
         self.closed = False
         self.cow_copies = 0
         self.image_copies = 0
+        self._copying: dict[int, trio.Event] = {}   # chunk -> its copy in flight
 
     def _chunk_span(self, i: int) -> tuple[int, int]:
         start = i * self.chunk_size
         return start, min(start + self.chunk_size, self.capacity)
 
-    def cow(self, offset: int, length: int) -> None:
+    async def cow(self, offset: int, length: int) -> None:
         """Before a device write of [offset, offset+length): copy every chunk it touches
-        that was not copied yet. Never raises: failures corrupt the image."""
+        that was not copied yet (or wait for its copy in flight). Never raises:
+        failures corrupt the image."""
         if self.error or self.closed or length <= 0:
             return
         first = offset // self.chunk_size
         last = (min(offset + length, self.capacity) - 1) // self.chunk_size
-        copied = self.copied
         for i in range(first, last + 1):
-            if not copied[i]:
-                if not self._copy(i):
-                    return
-                self.cow_copies += 1
+            if not await self._ensure_copied(i, by_device=True):
+                return
 
-    def _copy(self, i: int) -> bool:
-        """Copy chunk i's current (take-time) content into a new slot."""
+    async def _ensure_copied(self, i: int, by_device: bool) -> bool:
+        """Chunk i is in the storage when this returns True; False: image unusable."""
+        while not self.copied[i]:
+            if self.error or self.closed:
+                return False
+            pending = self._copying.get(i)
+            if pending is not None:
+                await pending.wait()
+            else:
+                await self._copy(i, by_device)
+        return True
+
+    async def _copy(self, i: int, by_device: bool) -> None:
+        """Copy chunk i's take-time content into a new slot; the only copy of chunk i
+        (``_copying[i]`` is set with no await before it)."""
+        done = self._copying[i] = trio.Event()
         start, end = self._chunk_span(i)
         try:
-            data = self.source.pread(start, end - start)
-            slot = self.storage.alloc(end - start)
-            self.storage.write(slot, data)
+            with self.storage.in_flight.using():
+                slot = self.storage.alloc(end - start)
+                data = await workers.read(self.source, start, end - start)
+                await workers.run(self.storage.write, slot, data)
+            if not self.closed:
+                self.slots[i] = slot
+                self.copied[i] = 1
+                if by_device:
+                    self.cow_copies += 1
+                else:
+                    self.image_copies += 1
         except SnapfsError as exc:
             self.corrupt(exc.errno)
-            return False
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
-            return False
-        self.slots[i] = slot
-        self.copied[i] = 1
-        return True
+        finally:
+            del self._copying[i]
+            done.set()
 
     def corrupt(self, code: int) -> None:
         """Mark the image corrupted with ``code`` (first error wins) and post the event."""
@@ -97,27 +123,33 @@ class DiffArea:
             raise SnapfsError(errno.EIO, f"snapshot image of {self.name} is corrupted "
                               f"(errno {self.error})")
 
-    def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes:
         """Image read: per chunk, the stored old data if copied, else the source.
-        Runs of uncopied chunks are read from the source in one call, and runs of
-        copied chunks whose slots follow each other in the storage in one call."""
+        Runs of uncopied chunks are read from the source in one call (and read again
+        if a chunk of the run was copied meanwhile), and runs of copied chunks whose
+        slots follow each other in the storage in one call."""
         self.check_usable()
         end = min(offset + size, self.capacity)
         parts = []
         pos = offset
         cs = self.chunk_size
         try:
-            while pos < end:
-                i = pos // cs
-                if self.copied[i]:
-                    k = self._stored_run_end(i, (end - 1) // cs)
-                    stop = min(k * cs, end)
-                    parts.append(self.storage.read(self.slots[i] + pos - i * cs, stop - pos))
-                else:
-                    j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
-                    stop = end if j < 0 else min(j * cs, end)
-                    parts.append(self.source.pread(pos, stop - pos))
-                pos = stop
+            with self.storage.in_flight.using():
+                while pos < end:
+                    i = pos // cs
+                    if self.copied[i]:
+                        k = self._stored_run_end(i, (end - 1) // cs)
+                        stop = min(k * cs, end)
+                        data = await workers.read(self.storage, self.slots[i] + pos - i * cs, stop - pos)
+                    else:
+                        j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
+                        stop = end if j < 0 else min(j * cs, end)
+                        data = await workers.read(self.source, pos, stop - pos)
+                        if self.copied.find(1, i, (stop - 1) // cs + 1) >= 0:   # copied meanwhile:
+                            continue                                             # the source may be newer
+                    self.check_usable()
+                    parts.append(data)
+                    pos = stop
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
             raise SnapfsError(errno.EIO, f"reading snapshot image of {self.name}: {exc}") from None
@@ -132,30 +164,30 @@ class DiffArea:
             k += 1
         return k
 
-    def write(self, offset: int, data) -> None:
+    async def write(self, offset: int, data) -> None:
         """Image write: goes only to the storage (copying the old chunk first)."""
         self.check_usable()
         view = memoryview(data)
         cs = self.chunk_size
         pos, end = offset, offset + len(view)
-        while pos < end:
-            i = pos // cs
-            stop = min((i + 1) * cs, end)
-            if not self.copied[i]:
-                if not self._copy(i):
+        with self.storage.in_flight.using():
+            while pos < end:
+                i = pos // cs
+                stop = min((i + 1) * cs, end)
+                if not await self._ensure_copied(i, by_device=False):
                     self.check_usable()
-                self.image_copies += 1
-            try:
-                self.storage.write(self.slots[i] + pos - i * cs, view[pos - offset : stop - offset])
-            except OSError as exc:
-                self.corrupt(exc.errno or errno.EIO)
-                self.check_usable()
-            pos = stop
+                try:
+                    await workers.run(self.storage.write, self.slots[i] + pos - i * cs,
+                                      view[pos - offset : stop - offset])
+                except OSError as exc:
+                    self.corrupt(exc.errno or errno.EIO)
+                    self.check_usable()
+                pos = stop
 
     def close(self) -> None:
-        """Destroy: all later image I/O fails with EIO."""
+        """Destroy: all later image I/O fails with EIO (requests in flight check
+        ``closed`` after each await; the slots stay until the area is dropped)."""
         self.closed = True
-        self.slots.clear()
 
     def statistics(self) -> dict:
         return {

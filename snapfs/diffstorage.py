@@ -28,6 +28,7 @@ import stat
 from collections.abc import Callable
 
 from .errors import SnapfsError
+from .workers import InFlight, pread_nowait
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class DiffStorage:
         self.on_grow = on_grow            # starts a growth worker; False: grow inline
         self.on_no_space = on_no_space    # the limit is reached: post the event
         self.fault: Callable[[str], None] | None = None   # test hook: may raise OSError
+        self.in_flight = InFlight()   # worker threads using ``fd``: close only when drained
 
     # ----- creation -----------------------------------------------------------------
 
@@ -188,6 +190,14 @@ class DiffStorage:
     def sync(self) -> None:
         """fsync the storage (blocking; a worker thread, never after ``close``)."""
         os.fsync(self.fd)
+
+    def pread_nowait(self, offset: int, size: int) -> bytes | None:
+        """The bytes if all are in the page cache, else None (always None under a fault
+        hook, so faults are injected in ``read``)."""
+        return None if self.fault is not None else pread_nowait(self.fd, size, offset)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return self.read(offset, size)
 
     def read(self, offset: int, size: int) -> bytes:
         """Read exactly ``size`` bytes at ``offset``; OSError(EIO) if short."""

@@ -94,7 +94,7 @@ class DeviceHandle(Handle):
         tracker.open_handles += 1
 
     async def read(self, offset, size):
-        return self.tracker.read(offset, size)
+        return await self.tracker.read(offset, size)
 
     async def write(self, offset, data):
         return await self.tracker.write(offset, data)
@@ -113,10 +113,10 @@ class ImageHandle(Handle):
         self.image, self.registry = image, registry
 
     async def read(self, offset, size):
-        return self.image.read(offset, size)
+        return await self.image.read(offset, size)
 
     async def write(self, offset, data):
-        return self.image.write(offset, data)
+        return await self.image.write(offset, data)
 
     async def fsync(self):
         await self.registry.sync_image(self.image.area)

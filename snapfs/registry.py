@@ -22,8 +22,6 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Protocol
 
 import trio
@@ -91,7 +89,6 @@ class Registry:
         self.cbt_store = cbt_store or _NoStore()
         self.listener = listener or _NoListener()
         self._nursery: trio.Nursery | None = None
-        self._busy: dict[int, tuple[list[int], trio.Event]] = {}    # storage -> users, idle
 
     def mounted(self, mount_dev: int | None) -> None:
         """The mount exists: its device number (storage and sources must not rest on it)."""
@@ -282,7 +279,7 @@ class Registry:
         del self.snapshots[snap_id]
         storage = snap.destroy()
         await self.listener.snapshot_destroyed(snap)
-        await self._unused(storage)        # never close an fd a thread still uses
+        await storage.in_flight.drained()  # never close an fd a thread still uses
         await trio.to_thread.run_sync(storage.close)
         log.info("destroyed snapshot %s", snap_id)
 
@@ -322,10 +319,10 @@ class Registry:
         destroy waits for it before closing the fd)."""
         if area.closed:
             return
-        with self._using(area.storage):
+        with area.storage.in_flight.using():
             await trio.to_thread.run_sync(area.storage.sync)
 
-    # ----- storage users: growth and fsync threads --------------------------------------
+    # ----- storage growth -----------------------------------------------------------
 
     def _schedule_grow(self, storage: DiffStorage) -> bool:
         """DiffStorage's growth hook: start the worker; False without one (grow inline)."""
@@ -339,29 +336,13 @@ class Registry:
         if storage.retired:
             return
         target = storage.requested
-        with self._using(storage):
+        with storage.in_flight.using():
             try:
                 await trio.to_thread.run_sync(storage.grow_blocking, target)
             except OSError as exc:
                 storage.grow_failed(exc)
             else:
                 storage.grow_done(target)
-
-    @contextmanager
-    def _using(self, storage: DiffStorage) -> Iterator[None]:
-        users, idle = self._busy.setdefault(id(storage), ([0], trio.Event()))
-        users[0] += 1
-        try:
-            yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._busy[id(storage)]
-                idle.set()
-
-    async def _unused(self, storage: DiffStorage) -> None:
-        while id(storage) in self._busy:
-            await self._busy[id(storage)][1].wait()
 
     # ----- status ----------------------------------------------------------------------
 

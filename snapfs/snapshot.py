@@ -50,11 +50,11 @@ class Image:
         self.tracker = tracker
         self.area = area
 
-    def read(self, offset: int, size: int) -> bytes:
-        return self.area.read(offset, size)
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.area.read(offset, size)
 
-    def write(self, offset: int, data) -> int:
-        return self.tracker.image_write(self.area, offset, data)
+    async def write(self, offset: int, data) -> int:
+        return await self.tracker.image_write(self.area, offset, data)
 
 
 class Snapshot:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .errors import SnapfsError
 from .params import SECTOR
+from .workers import pread_nowait
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -82,6 +83,10 @@ class Source:
         if len(data) != size:
             raise OSError(errno.EIO, f"short read from {self.path}")
         return data
+
+    def pread_nowait(self, offset: int, size: int) -> bytes | None:
+        """The bytes if all are in the page cache (no I/O wait), else None."""
+        return pread_nowait(self.fd, size, offset)
 
     def pwrite(self, offset: int, data) -> None:
         view = memoryview(data)

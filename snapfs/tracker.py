@@ -1,61 +1,63 @@
 """Per device: the source, its CBT, the write path and the write gate.
 
-Write path (``write``), one atomic step on the trio thread once admitted by the gate:
+Write path (``write``), once admitted by the gate:
     1. clip to the device size (sizes are fixed);
     2. mark the CBT write map (before COW, so even a failed copy is tracked);
-    3. if a snapshot is taken: copy every untouched chunk first (diffarea.cow), which
-       never fails the write;
-    4. pwrite to the source.
-Errors of step 4 are real device errors and reach the writer as-is.
+    3. if a snapshot is taken: make sure every chunk it touches is copied
+       (diffarea.cow: copies in worker threads, one per chunk), which never fails the
+       write;
+    4. pwrite to the source in a worker thread.
+Errors of step 4 are real device errors and reach the writer as-is. Reads go to the
+source directly (page-cache fast path, else a worker thread).
 
 The gate implements take's "stop admitting writes, wait for in-flight ones"
-(docs/design.md section 5 step 2). It is the only trio-aware part of the core.
+(docs/design.md section 5 step 3): a write counts as in flight from admission until
+its source write returned.
 """
 
 import errno
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
+from . import workers
 from .cbt import CBT
 from .diffarea import DiffArea
 from .errors import SnapfsError
 from .params import Params, tracking_block_size
 from .source import Source
+from .workers import InFlight
 
 log = logging.getLogger(__name__)
 
 
 class WriteGate:
-    """Admission of device writes. ``close`` stops new writes, ``wait_drained`` waits
-    for admitted ones, ``open`` lets waiters through. Trio thread only."""
+    """Admission of device writes. ``close`` stops admitting, ``wait_drained`` waits
+    until every admitted write has finished (its copies and its source write, worker
+    threads included), ``open`` lets the waiting writes in. Trio thread only."""
 
     def __init__(self) -> None:
         self._closed = False
         self._reopened = trio.Event()
-        self._in_flight = 0
-        self._drained: trio.Event | None = None
+        self.in_flight = InFlight()
 
-    async def enter(self) -> None:
-        """Wait while closed; no checkpoint when open (the caller's write that follows
-        is then atomic with the admission)."""
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Wait while closed, then count the write until it leaves the block (no
+        checkpoint between the check and the count)."""
         while self._closed:
             await self._reopened.wait()
-        self._in_flight += 1
-
-    def exit(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._drained is not None:
-            self._drained.set()
+        with self.in_flight.using():
+            yield
 
     def close(self) -> None:
         self._closed = True
         self._reopened = trio.Event()
 
     async def wait_drained(self) -> None:
-        while self._in_flight:
-            self._drained = trio.Event()
-            await self._drained.wait()
+        await self.in_flight.drained()
 
     def open(self) -> None:
         self._closed = False
@@ -93,47 +95,39 @@ class Tracker:
     async def write(self, offset: int, data) -> int:
         """Device write (see module docstring). Returns the bytes written."""
         self._check_attached()
-        await self.gate.enter()
-        try:
-            return self.write_now(offset, data)
-        finally:
-            self.gate.exit()
-
-    def write_now(self, offset: int, data) -> int:
-        """The synchronous part of the write path; call only when admitted."""
-        n = self._clip(offset, len(data))
-        self.cbt.mark(offset, n)
-        if self.area is not None:
-            self.area.cow(offset, n)
-        try:
-            self.source.pwrite(offset, memoryview(data)[:n])
-        except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
-        self.bytes_written += n
-        self.write_requests += 1
-        return n
+        async with self.gate.admitted():
+            n = self._clip(offset, len(data))
+            self.cbt.mark(offset, n)
+            area = self.area
+            if area is not None:
+                await area.cow(offset, n)
+            try:
+                await workers.run(self.source.pwrite, offset, memoryview(data)[:n])
+            except OSError as exc:
+                raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
+            self.bytes_written += n
+            self.write_requests += 1
+            return n
 
     async def discard(self, offset: int, length: int) -> None:
         """DISCARD / punch-hole counts as a write: CBT mark and COW, then deallocate."""
-        await self.gate.enter()
-        try:
+        async with self.gate.admitted():
             n = self._clip(offset, length)
             self.cbt.mark(offset, n)
-            if self.area is not None:
-                self.area.cow(offset, n)
+            area = self.area
+            if area is not None:
+                await area.cow(offset, n)
             try:
-                self.source.punch(offset, n)
+                await workers.run(self.source.punch, offset, n)
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
-        finally:
-            self.gate.exit()
 
-    def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes:
         """Device read (no snapshot involvement)."""
         self._check_attached()
         size = max(0, min(size, self.capacity - offset))
         try:
-            return self.source.pread(offset, size) if size else b""
+            return await workers.read(self.source, offset, size) if size else b""
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
 
@@ -143,13 +137,13 @@ class Tracker:
         self._check_attached()
         self.source.fsync()
 
-    def image_write(self, area: DiffArea, offset: int, data) -> int:
+    async def image_write(self, area: DiffArea, offset: int, data) -> int:
         """Snapshot-image write to ``area`` (the one the handle was opened on): marks
         both CBT maps; the data goes only to the difference storage."""
         area.check_usable()
         n = self._clip(offset, len(data))
         self.cbt.mark_both(offset, n)
-        area.write(offset, memoryview(data)[:n])
+        await area.write(offset, memoryview(data)[:n])
         return n
 
     def statistics(self) -> dict:

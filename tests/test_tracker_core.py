@@ -32,8 +32,8 @@ async def test_discard_copies_before_punching_and_marks_cbt(tmp_path):
     snap.switch()
     before = bytes(tracker.cbt.write_map)
     await tracker.discard(100_000, 300_000)
-    assert tracker.read(100_000, 300_000) == bytes(300_000)          # punched: zeros
-    assert snap.areas["d"].read(0, len(data)) == data                # image kept the old data
+    assert await tracker.read(100_000, 300_000) == bytes(300_000)          # punched: zeros
+    assert await snap.areas["d"].read(0, len(data)) == data                # image kept the old data
     changed = [i for i, (a, b) in enumerate(zip(before, tracker.cbt.write_map, strict=True)) if a != b]
     bs = tracker.cbt.block_size
     assert changed == list(range(100_000 // bs, (400_000 - 1) // bs + 1))
@@ -52,9 +52,9 @@ async def test_gate_holds_writes_until_open(tmp_path):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
         await trio.testing.wait_all_tasks_blocked()
-        assert not done and tracker.read(0, 10) != b"x" * 10
+        assert not done and await tracker.read(0, 10) != b"x" * 10
         tracker.gate.open()
-    assert done and tracker.read(0, 10) == b"x" * 10
+    assert done and await tracker.read(0, 10) == b"x" * 10
     snap.destroy().close()
 
 
@@ -73,7 +73,7 @@ async def test_take_does_not_fsync_the_sources(tmp_path):
     assert frozen == []
     assert snap.taken and tracker.area is snap.areas["d"]
     await tracker.write(0, b"x" * 100)
-    assert snap.areas["d"].read(0, len(data)) == data
+    assert await snap.areas["d"].read(0, len(data)) == data
     snap.destroy().close()
 
 
@@ -91,5 +91,5 @@ async def test_image_reads_across_stored_runs(tmp_path):
     assert [area.slots[c] // cs for c in (2, 3, 4, 1)] == [0, 1, 2, 3]  # the order made runs
     for start in range(0, len(data), cs // 3):
         for length in (1, cs - 1, cs + 2, 3 * cs + 5, len(data)):
-            assert area.read(start, length) == data[start : start + length], (start, length)
+            assert await area.read(start, length) == data[start : start + length], (start, length)
     snap.destroy().close()
