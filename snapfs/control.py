@@ -68,6 +68,8 @@ async def execute(registry: Registry, line: str) -> dict:
     command = COMMANDS.get(words[0])
     if command is None:
         raise SnapfsError(errno.EINVAL, f"unknown command {words[0][:64]!r}")
+    if registry.stopping and words[0] not in ("version", "status"):
+        raise SnapfsError(errno.ESHUTDOWN, "the mount is stopping")
     if not command.low <= len(words) - 1 <= command.high:
         raise SnapfsError(errno.EINVAL, f"usage: {words[0]} {command.usage}")
     return await command.run(registry, *words[1:])

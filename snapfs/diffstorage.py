@@ -97,7 +97,11 @@ class DiffStorage:
         try:
             if st is None:   # unlinked at once: a crash can leave nothing behind
                 fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                os.unlink(target)
+                try:
+                    os.unlink(target)
+                except OSError:
+                    os.close(fd)
+                    raise
                 return fd, f"{target} (unlinked)", True
             if stat.S_ISDIR(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)

@@ -55,8 +55,9 @@ def parse_sources(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def check_mountpoint(path: str) -> str:
-    """The mountpoint must be an existing, empty directory that is not a mount."""
-    path = os.path.abspath(path)
+    """The mountpoint must be an existing, empty directory that is not a mount.
+    Returns its real path (what mountinfo lists: symlinks resolved)."""
+    path = os.path.realpath(path)
     if not os.path.isdir(path):
         raise SnapfsError(errno.ENOTDIR, f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
@@ -129,7 +130,11 @@ def run(config: MountConfig, ready=None) -> int:
         raise SnapfsError(errno.EIO, f"mounting {registry.mountpoint} failed: {exc}") from None
     state.consume()
     found = mountinfo.at(registry.mountpoint)   # never stat our own mount from its thread
-    registry.mounted(found.dev if found else None)
+    if found is None:   # without its device number the storage guard and freeze are blind
+        pyfuse3.close(unmount=True)
+        registry.close_sources()
+        raise SnapfsError(errno.EIO, f"{registry.mountpoint} is not in /proc/self/mountinfo after mounting")
+    registry.mounted(found.dev)
     try:
         trio.run(serve, registry, ready)
     except BaseException:
@@ -158,24 +163,35 @@ async def _call_ready(ready) -> None:
     ready()
 
 
-STOP_GRACE = 3.0   # seconds the request loop gets to finish after a stop signal
+STOP_GRACE = 3.0   # seconds the request loop gets to finish after the snapshots are gone
+REPLY_GRACE = 0.2  # for clients to read the replies of commands ended by the stop
+PREPARE_LIMIT = 60.0   # a take's freeze that long is stuck: stop anyway
 
 
 async def _stop_on_signals(registry: Registry, scope: trio.CancelScope) -> None:
-    """SIGINT/SIGTERM: destroy the snapshots first (blocked event reads end with EOF,
-    waitevents with ESRCH), then end the request loop. A request still blocked after
-    STOP_GRACE is cancelled (the kernel fails it once the daemon closes /dev/fuse), so
-    a stop always ends and the CBT is saved."""
+    """SIGINT/SIGTERM: ``registry.stop()`` while the loop serves (refuse commands,
+    destroy the snapshots, wait for takes in progress), then end the request loop. A
+    request still blocked STOP_GRACE later is cancelled (the kernel fails it once the
+    daemon closes /dev/fuse), so a stop ends and the CBT is saved. Later signals are
+    logged, never fatal."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             break
-    with trio.move_on_after(STOP_GRACE):
-        await registry.destroy_all()
-    pyfuse3.terminate()
-    await trio.sleep(STOP_GRACE)
-    log.warning("requests still blocked %.0f s after the stop signal: cancelling them", STOP_GRACE)
-    scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_ignore_more, signals)
+            with trio.move_on_after(PREPARE_LIMIT):
+                await registry.stop()
+            await trio.sleep(REPLY_GRACE)
+            pyfuse3.terminate()
+            await trio.sleep(STOP_GRACE)
+            log.warning("requests still blocked %.0f s after the stop: cancelling them", STOP_GRACE)
+            scope.cancel()
+
+
+async def _ignore_more(signals) -> None:
+    async for signum in signals:
+        log.info("received %s again: already stopping", signal.Signals(signum).name)
 
 
 def stop_cleanly(registry: Registry, state: StateStore) -> None:

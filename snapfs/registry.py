@@ -37,6 +37,7 @@ from .snapshot import Snapshot, take
 from .source import Source
 from .stack import Guard
 from .tracker import Tracker
+from .workers import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Registry:
         self.cbt_store = cbt_store or _NoStore()
         self.listener = listener or _NoListener()
         self._nursery: trio.Nursery | None = None
+        self.takes = InFlight()         # takes in progress: a stop waits for their freeze
+        self.stopping = False           # a stop began: commands are refused
 
     def mounted(self, mount_dev: int | None) -> None:
         """The mount exists: its device number (storage and sources must not rest on it)."""
@@ -148,12 +151,26 @@ class Registry:
             raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
         source = await trio.to_thread.run_sync(open_source, path, self.guard())
         try:
+            await self._check_under_storage(name, source)
             tracker = self.add_device(name, source)
         except BaseException:
             source.close()
             raise
         log.info("attached %s (%s, %d bytes)", name, source.path, source.size)
         return tracker
+
+    async def _check_under_storage(self, name: str, source: Source) -> None:
+        """A live snapshot's storage must not rest on a new source: its copies would
+        change that source behind its tracker. EINVAL naming the snapshot."""
+        only = Guard(None, bdevs={source.st.st_rdev: name} if source.kind == "bdev" else {},
+                     files={} if source.kind == "bdev" else {(source.st.st_dev, source.st.st_ino): name})
+        for snap in list(self.snapshots.values()):
+            if snap.storage.closed:
+                continue
+            reason = await trio.to_thread.run_sync(only.why_not, os.fstat(snap.storage.fd), True)
+            if reason:
+                raise SnapfsError(errno.EINVAL, f"{source.path} is under the storage of snapshot "
+                                  f"{snap.id} ({snap.storage.description} {reason})")
 
     def detach(self, name: str) -> None:
         """EBUSY while in a snapshot or open; the CBT history is forgotten."""
@@ -250,8 +267,9 @@ class Registry:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap_id} is being taken")
         snap.taking = True
         try:
-            await self.check_storage(snap)
-            frozen = await take(snap, lambda: self._device_files(snap), nofreeze=nofreeze)
+            with self.takes.using():
+                await self.check_storage(snap)
+                frozen = await take(snap, lambda: self._device_files(snap), nofreeze=nofreeze)
         finally:
             snap.taking = False
         log.info("took snapshot %s (writes held %.3f ms)", snap_id, snap.last_take_block_ns / 1e6)
@@ -283,12 +301,16 @@ class Registry:
         await trio.to_thread.run_sync(storage.close)
         log.info("destroyed snapshot %s", snap_id)
 
-    async def destroy_all(self) -> None:
-        """Stop's first step: destroy every snapshot, so blocked event readers get EOF
-        and waiters ESRCH, and no request stays blocked."""
+    async def stop(self) -> None:
+        """A stop's first step, while the request loop still serves: refuse new
+        commands, destroy every snapshot (blocked event readers get EOF, waiters
+        ESRCH), and wait for takes in progress (a freeze flushes through this mount and
+        must be served; the take then fails with ESRCH and thaws)."""
+        self.stopping = True
         for snap_id in list(self.snapshots):
             if snap_id in self.snapshots:
                 await self.destroy(snap_id)
+        await self.takes.drained()
 
     async def wait_event(self, snap_id: str, seconds: float) -> dict:
         """Pop the next unconsumed event, waiting up to ``seconds``. ETIMEDOUT, or
@@ -364,6 +386,10 @@ def open_source(path: str, guard: Guard) -> Source:
         st = os.stat(path)
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"source {path}") from None
+    is_bdev = stat.S_ISBLK(st.st_mode)
+    same = guard.bdevs.get(st.st_rdev) if is_bdev else guard.files.get((st.st_dev, st.st_ino))
+    if same is not None:
+        raise SnapfsError(errno.EEXIST, f"{path} is already attached as {same}")
     reason = guard.why_not(st, False)
     if reason:
         raise SnapfsError(errno.EINVAL, f"source {path} {reason}")

@@ -152,6 +152,8 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     """
     if snap.taken:
         raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} is already taken")
+    if snap.destroyed:
+        raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed")
     if not snap.trackers:
         raise SnapfsError(errno.ENODEV, f"snapshot {snap.id} has no devices")
     trackers = list(snap.trackers.values())
@@ -159,13 +161,16 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     try:
         if not nofreeze:
             frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
-        if snap.destroyed or snap.taken:
-            raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} changed during take")
+        if snap.destroyed:
+            raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
+        if snap.taken:
+            raise SnapfsError(errno.EALREADY, f"snapshot {snap.id} was taken meanwhile")
         await _switch_with_writes_held(snap, trackers)
         return [mp for mp, _ in frozen]
     finally:
-        if frozen:
-            await trio.to_thread.run_sync(freeze.thaw, frozen)
+        if frozen:   # always, even when cancelled: a frozen filesystem blocks its writers
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(freeze.thaw, frozen)
 
 
 def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> list:

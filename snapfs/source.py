@@ -7,6 +7,7 @@ Knows nothing of snapshots or tracking: ``tracker``, ``diffarea`` and ``state`` 
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class Source:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+        if kind == "file":
+            _lock(fd, path)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0 or size % SECTOR:
             os.close(fd)
@@ -108,6 +111,20 @@ class Source:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _lock(fd: int, path: str) -> None:
+    """An exclusive flock for the source's life (block devices have O_EXCL): a second
+    snapfs, or a snapshot storage, naming the same file gets EBUSY. The lock belongs
+    to this open file, so a crash releases it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise SnapfsError(errno.EBUSY, f"{path} is in use by another snapfs or a snapshot's "
+                              "storage (it holds a lock on it)") from None
+        raise SnapfsError.from_oserror(exc, f"locking {path}") from None
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

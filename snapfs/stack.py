@@ -1,7 +1,8 @@
 """What a file or a block device rests on, and which of those a mount must refuse.
 
 A filesystem lives on a block device (``st_dev``); a partition on its whole disk; a
-loop device on a backing file, which lives on a filesystem again, to any depth.
+loop device on a backing file, which lives on a filesystem again (or is a block
+device node), to any depth; a device-mapper or md device on its ``slaves``.
 ``layers`` walks that chain down from a device number, using only sysfs and the
 loop ioctl (never the paths in between, which may lie in another mount namespace or
 inside the very FUSE mount that is asking).
@@ -36,17 +37,19 @@ PSEUDO_FSTYPES = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "s
 class Layer:
     """One device in a chain: its number, its name (``loop3``, ``sda1``, ``0:45`` for a
     device with no block device behind it) and, for a loop device, the (st_dev, st_ino)
-    and path of its backing file."""
+    and path of its backing file, and the device number behind it when that file is a
+    block device node."""
 
     dev: int
     name: str
     backing: tuple[int, int] | None = None
     backing_path: str = ""
+    backing_rdev: int = 0
 
 
-def loop_backing(name: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file behind loop device ``name``, None if unbound or
-    unreadable."""
+def loop_status(name: str) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, rdev) of the file behind loop device ``name`` (rdev is 0 for a
+    regular file), None if unbound or unreadable. Never a path lookup."""
     try:
         fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -54,18 +57,15 @@ def loop_backing(name: str) -> tuple[int, int] | None:
         finally:
             os.close(fd)
     except OSError:
-        return _backing_by_path(name)
-    dev, ino = struct.unpack_from("QQ", buf)
-    return (dev, ino) if ino else None
-
-
-def _backing_by_path(name: str) -> tuple[int, int] | None:
-    path = _read(f"/sys/block/{name}/loop/backing_file")
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
         return None
-    return (st.st_dev, st.st_ino) if st else None
+    dev, ino, rdev = struct.unpack_from("QQQ", buf)
+    return (dev, ino, rdev) if ino else None
+
+
+def loop_backing(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind loop device ``name``, or None."""
+    status = loop_status(name)
+    return status[:2] if status else None
 
 
 def _read(path: str) -> str:
@@ -81,35 +81,48 @@ def _block_dir(dev: int) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else None
 
 
-def _device_layers(dev: int) -> list[Layer]:
-    """``dev`` and, for a partition, its whole disk; the loop backing on the disk."""
+def _dev_of(sysdir: str) -> int | None:
+    major, _, minor = _read(os.path.join(sysdir, "dev")).partition(":")
+    return os.makedev(int(major), int(minor)) if minor else None
+
+
+def _device_layers(dev: int) -> tuple[list[Layer], list[int]]:
+    """``dev`` and, for a partition, its whole disk (with the loop backing); and the
+    device numbers below: the loop's backing filesystem or block device, and the
+    ``slaves`` of a device-mapper or md device (LVM, LUKS, RAID)."""
     sysdir = _block_dir(dev)
     if sysdir is None:
-        return [Layer(dev, f"{os.major(dev)}:{os.minor(dev)}")]
+        return [Layer(dev, f"{os.major(dev)}:{os.minor(dev)}")], []
     found = []
     if os.path.exists(os.path.join(sysdir, "partition")):
         found.append(Layer(dev, os.path.basename(sysdir)))
         sysdir = os.path.dirname(sysdir)
-        major, _, minor = _read(os.path.join(sysdir, "dev")).partition(":")
-        dev = os.makedev(int(major), int(minor)) if minor else dev
+        dev = _dev_of(sysdir) or dev
     name = os.path.basename(sysdir)
-    backing = loop_backing(name) if os.path.isdir(os.path.join(sysdir, "loop")) else None
-    path = _read(os.path.join(sysdir, "loop", "backing_file")) if backing else ""
-    found.append(Layer(dev, name, backing, path))
-    return found
+    status = loop_status(name) if os.path.isdir(os.path.join(sysdir, "loop")) else None
+    path = _read(os.path.join(sysdir, "loop", "backing_file")) if status else ""
+    found.append(Layer(dev, name, status[:2] if status else None, path, status[2] if status else 0))
+    below = [status[2] or status[0]] if status else []
+    slaves = os.path.join(sysdir, "slaves")
+    if os.path.isdir(slaves):
+        below += [d for d in (_dev_of(os.path.join(slaves, s)) for s in sorted(os.listdir(slaves))) if d]
+    return found, below
 
 
 def layers(dev: int) -> list[Layer]:
-    """The chain below device number ``dev``, top first, at most MAX_DEPTH loops deep."""
+    """Every device below device number ``dev`` (a walk through partitions, loop
+    devices and their backing files or block devices, and device-mapper/md slaves),
+    top first, at most MAX_DEPTH devices."""
     chain: list[Layer] = []
-    seen: set[int] = set()
-    while dev not in seen and len(seen) < MAX_DEPTH:
+    todo, seen = [dev], set()
+    while todo and len(seen) < MAX_DEPTH:
+        dev = todo.pop(0)
+        if dev in seen:
+            continue
         seen.add(dev)
-        chain += _device_layers(dev)
-        backing = chain[-1].backing
-        if backing is None:
-            break
-        dev = backing[0]
+        found, below = _device_layers(dev)
+        chain += found
+        todo += below
     return chain
 
 
@@ -155,6 +168,9 @@ class Guard:
             return f"is on a {fstypes[layer.dev]} filesystem, not storage"
         if layer.dev in self.bdevs and not own:
             return f"rests on {layer.name}, the source of device {self.bdevs[layer.dev]}"
+        if layer.backing_rdev in self.bdevs:
+            return (f"rests on {layer.name}, a loop device over the source of device "
+                    f"{self.bdevs[layer.backing_rdev]}")
         if layer.backing in self.files:
             return (f"rests on {layer.name}, a loop device over the source of device "
                     f"{self.files[layer.backing]}")

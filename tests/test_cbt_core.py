@@ -279,6 +279,11 @@ def opened(source_file):
     sources = []
 
     def open_source() -> Source:
+        """As a new daemon would: the one before released the file (and its lock)."""
+        st = os.stat(source_file)
+        for old in [o for o in sources if (o.st.st_dev, o.st.st_ino) == (st.st_dev, st.st_ino)]:
+            old.close()
+            sources.remove(old)
         s = Source.open(str(source_file))
         sources.append(s)
         return s
@@ -547,12 +552,15 @@ def test_save_overwrites_atomically(tmp_path, opened):
 def test_state_file_key_is_per_real_path(tmp_path, source_file):
     link = tmp_path / "link.img"
     os.symlink(source_file, link)
-    a, b = Source.open(str(source_file)), Source.open(str(link))
+    a = Source.open(str(source_file))
+    store = StateStore(str(tmp_path / "state"), Params())
     try:
-        store = StateStore(str(tmp_path / "state"), Params())
-        assert store.path_for(a) == store.path_for(b)
         store.save(a, populated_cbt(a))
+    finally:
+        a.close()                       # one user at a time (the source's lock)
+    b = Source.open(str(link))
+    try:
+        assert store.path_for(a) == store.path_for(b)
         assert store.load(b) is not None
     finally:
-        a.close()
         b.close()
