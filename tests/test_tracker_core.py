@@ -93,3 +93,72 @@ async def test_image_reads_across_stored_runs(tmp_path):
         for length in (1, cs - 1, cs + 2, 3 * cs + 5, len(data)):
             assert await area.read(start, length) == data[start : start + length], (start, length)
     snap.destroy().close()
+
+
+# ----- per-chunk ordering with I/O in worker threads -----------------------------------------
+
+class Slow:
+    """Wraps a source or storage: the chosen blocking call sleeps first (in its worker
+    thread), so other requests run while it is in flight; nothing is served from the
+    page cache inline."""
+
+    def __init__(self, real, call: str, seconds: float = 0.2):
+        self.real, self.call, self.seconds, self.armed = real, call, seconds, True
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def pread_nowait(self, offset, size):
+        return None
+
+    def _slow(self, name, *args):
+        if self.armed and name == self.call:
+            self.armed = False
+            import time
+            time.sleep(self.seconds)
+        return getattr(self.real, name)(*args)
+
+    def pread(self, offset, size):
+        return self._slow("pread", offset, size)
+
+    def write(self, offset, data):
+        return self._slow("write", offset, data)
+
+
+async def test_a_second_write_waits_for_the_chunks_copy(tmp_path):
+    """While chunk 0's copy is in flight (a slow storage write), a second write to
+    chunk 0 must not reach the source, and an image read of chunk 0 sees old data."""
+    tracker, snap, data = make(tmp_path)
+    snap.switch()
+    area = snap.areas["d"]
+    area.storage = Slow(area.storage, "write")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracker.write, 0, b"A" * 10)
+        await trio.sleep(0.05)                             # A's copy is in flight
+        nursery.start_soon(tracker.write, 100, b"B" * 10)
+        await trio.sleep(0.05)
+        assert os.pread(tracker.source.fd, 10, 100) == data[100:110], "B passed the copy"
+        assert await area.read(0, 200) == data[:200]
+    assert await area.read(0, 64 * 1024) == data[: 64 * 1024]
+    assert os.pread(tracker.source.fd, 110, 0) == b"A" * 10 + data[10:100] + b"B" * 10
+
+
+async def test_an_image_read_racing_a_copy_and_write_rereads(tmp_path):
+    """An image read of an uncopied chunk is in flight (a slow source read) while a
+    device write copies that chunk and changes the source: the read must notice the
+    copy and return the take-time data, not the new bytes."""
+    tracker, snap, data = make(tmp_path)
+    snap.switch()
+    area = snap.areas["d"]
+    area.source = Slow(area.source, "pread")           # the image read's source read
+    result: list[bytes] = []
+
+    async def read():
+        result.append(await area.read(0, 4096))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.sleep(0.05)                             # the read sleeps in its thread
+        await tracker.write(0, b"N" * 4096)                # copies (fast) and writes
+    assert os.pread(tracker.source.fd, 4096, 0) == b"N" * 4096
+    assert result == [data[:4096]]
