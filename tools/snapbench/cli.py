@@ -1,0 +1,207 @@
+"""Benchmark snapfs side by side with qemu-storage-daemon image fleecing and the raw file.
+
+    .venv/bin/python tools/bench [--quick] [--rounds N] [--size SIZE] [--workdir DIR] [--json FILE]
+
+Contenders (DESIGN.md section 8), each on its own copy of one random source file:
+    snapfs  a snapfs mount (--chunk-minimum 64K, difference storage in the scratch dir);
+    qemu    qemu-storage-daemon: a raw node over the file, exported over FUSE; a snapshot
+            slides a copy-before-write filter (sparse raw target, 64 KiB clusters) under
+            it with blockdev-add + blockdev-reopen and exports a snapshot-access node
+            over FUSE (docs/peers recipe B);
+    raw     the source file itself, no FUSE: the physical reference.
+
+Every workload is one fio job (--direct=1 --ioengine=psync, one job) run on snapfs,
+qemu and raw in turn (A B R A B R ...), for --rounds rounds; the source is synced and
+read into the page cache before each job. The table shows medians. Take latency and
+memory are measured once per contender (see ``run_take_test``, ``run_memory_test``).
+
+Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
+run could not start; 130 interrupted. Everything mounted or started is stopped and
+the scratch directory removed on every path, Ctrl-C and SIGTERM included.
+"""
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from snapfs.params import parse_size
+
+from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
+from .contenders import Contender, Raw, Snapfs
+from .memory import run_memory_test
+from .qemu import Qemu
+from .report import ROWS, Results, report
+from .scratch import make_sources, scratch_dir
+from .take import run_take_test
+from .workloads import run_round
+
+EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
+
+
+# ----- configuration ----------------------------------------------------------------
+
+QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB}
+
+
+def _size_arg(text: str) -> int:
+    """argparse type: a size with K/M/G/T."""
+    try:
+        return parse_size(text)
+    except Exception as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Command line -> Config (quick defaults first, explicit options win)."""
+    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="64 MiB devices, 1 round, 1 s jobs, 3 takes (smoke test, < 60 s)")
+    p.add_argument("--rounds", type=int, help="rounds of every workload (default 3)")
+    p.add_argument("--size", type=_size_arg, help="device size (default 1G)")
+    p.add_argument("--runtime", type=int, help="seconds per random-I/O job (default 10)")
+    p.add_argument("--takes", type=int, help="takes in the take-latency test (default 20)")
+    p.add_argument("--scatter", type=_size_arg, help="scattered writes in the memory test (1G)")
+    p.add_argument("--workdir", help="scratch parent directory (default /var/tmp)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
+    p.add_argument("--no-qemu", action="store_true", help="skip qemu-storage-daemon")
+    a = p.parse_args(argv)
+    cfg = Config(quick=a.quick, qemu=not a.no_qemu, workdir=a.workdir, json=a.json)
+    if a.quick:
+        for key, value in QUICK.items():
+            setattr(cfg, key, value)
+    for key in ("rounds", "size", "runtime", "takes", "scatter"):
+        if getattr(a, key) is not None:
+            setattr(cfg, key, getattr(a, key))
+    if cfg.rounds < 1 or cfg.takes < 1 or cfg.size < 16 * CLUSTER or cfg.size % MiB:
+        p.error("need rounds >= 1, takes >= 1 and a size that is a multiple of 1 MiB, >= 1 MiB")
+    return cfg
+
+
+def check_tools(cfg: Config) -> None:
+    """fio and fusermount3 are required; qemu-storage-daemon is skipped in --quick."""
+    missing = [tool for tool in ("fio", "fusermount3") if not shutil.which(tool)]
+    if missing:
+        raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3")
+    if cfg.qemu and not shutil.which("qemu-storage-daemon"):
+        if not cfg.quick:
+            raise BenchError("qemu-storage-daemon missing: apt-get install -y qemu-system-common "
+                             "qemu-utils (or pass --no-qemu)")
+        log("qemu-storage-daemon not installed: skipping QEMU")
+        cfg.qemu = False
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM/SIGHUP handler: unwind like Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ----- the run -----------------------------------------------------------------------
+
+def contender_names(cfg: Config) -> list[str]:
+    """snapfs, qemu (unless skipped), raw."""
+    return [n for n in CONTENDERS if n != "qemu" or cfg.qemu]
+
+
+def make_contender(name: str, work: Path, source: Path, size: int, storage: int) -> Contender:
+    """Factory for the three kinds."""
+    if name == "snapfs":
+        return Snapfs(work / name, source, size, storage)
+    if name == "qemu":
+        return Qemu(work / name, source, size)
+    return Raw(work / name, source, size)
+
+
+def start_contenders(cfg: Config, work: Path, stack: contextlib.ExitStack, res: Results) -> list[Contender]:
+    """Create sources and start every contender (stop registered first); a contender
+    that fails to start is left out and all its cells are marked failed."""
+    names = contender_names(cfg)
+    sources = make_sources(cfg, work, names)
+    started = []
+    for name in names:
+        c = make_contender(name, work, sources[name], cfg.size, 4 * cfg.size)
+        stack.callback(c.stop)
+        try:
+            c.start()
+            started.append(c)
+        except Exception as exc:
+            for row in ROWS:
+                if not row.key.startswith("mem_"):
+                    res.fail(row.key, name, f"start failed: {exc}")
+    return started
+
+
+def run_all(cfg: Config, work: Path, res: Results) -> None:
+    """Rounds, take test, memory test; every contender stopped at the end of its part."""
+    with contextlib.ExitStack() as stack:
+        cs = start_contenders(cfg, work, stack, res)
+        for rnd in range(cfg.rounds):
+            run_round(cs, cfg, work, res, rnd)
+        for c in cs:
+            if c.can_take:
+                guarded(res, ["take_wait_p50", "take_wait_p99"], c.name, run_take_test, c, cfg, res)
+    note_log_problems(cs, res)      # after the unmount: CBT saving is logged too
+    for path in work.glob("src-*.img"):
+        path.unlink()
+    for name in contender_names(cfg):
+        if name != "raw":
+            c = make_contender(name, work / "mem", work / "mem" / name / "sparse.img",
+                               cfg.mem_device, 4 * cfg.scatter)
+            guarded(res, ["mem_written"], name, run_memory_test, c, cfg, res)
+            note_log_problems([c], res)
+
+
+def guarded(res: Results, keys: list[str], who: str, fn: Callable, *args) -> None:
+    """Run a test; record its failure under ``keys`` instead of aborting the run."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        for key in keys:
+            res.fail(key, who, exc)
+
+
+def note_log_problems(cs: list[Contender], res: Results) -> None:
+    """Tracebacks or internal errors in a snapfs log are snapfs bugs: report them."""
+    for c in cs:
+        problem = c.log_problems() if isinstance(c, Snapfs) else None
+        if problem:
+            res.notes.append(problem)
+            keep_log(c)
+
+
+def keep_log(c: Snapfs) -> None:
+    """Copy a snapfs log with errors out of the scratch dir (it is removed)."""
+    dest = Path(tempfile.gettempdir()) / f"snapfs-bench-{os.getpid()}-{c.dir.name}.log"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(c.log, dest)
+        log(f"snapfs log with errors kept as {dest}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, report; clean up on every path."""
+    cfg = parse_args(argv)
+    try:
+        check_tools(cfg)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    res, started, status = Results(), time.time(), 0
+    try:
+        with scratch_dir(cfg) as work:
+            run_all(cfg, work, res)
+    except KeyboardInterrupt:
+        log("interrupted: cleaned up; partial table follows")
+        status = EXIT_INTERRUPTED
+    except (BenchError, OSError) as exc:
+        log(f"bench failed: {exc}")
+        status = EXIT_ERROR
+    report(res, cfg, started)
+    return status or (EXIT_FAILURES if res.failures else 0)

@@ -1,0 +1,47 @@
+"""What every part of the benchmark shares: sizes, the error type, progress logging and
+the configuration."""
+
+import sys
+import time
+from dataclasses import dataclass
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+CLUSTER = 64 * KiB          # QEMU's cbw cluster and the snapfs chunk used here
+BLOCK = 4 * KiB             # small random I/O size
+CONTENDERS = ("snapfs", "qemu", "raw")
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed (message says which and why)."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries only the table)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def human(n: int) -> str:
+    """Binary size for labels: 64 MiB, 1 GiB, 1 TiB."""
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+# ----- configuration ----------------------------------------------------------------
+
+@dataclass
+class Config:
+    """What to run; ``--quick`` and the full run differ only in these numbers."""
+
+    quick: bool = False
+    size: int = GiB              # device size
+    rounds: int = 3
+    runtime: int = 10            # seconds per time-based random job
+    takes: int = 20
+    hold: float = 0.25           # seconds a snapshot lives during the take test
+    mem_device: int = TiB        # sparse device of the memory test
+    scatter: int = GiB           # bytes of scattered writes in the memory test
+    qemu: bool = True
+    workdir: str | None = None
+    json: str | None = None
