@@ -71,7 +71,8 @@ def cmd_mount(args) -> int:
 
     params = Params(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Params)}).validate()
     config = mount.MountConfig(args.mountpoint, args.sources, params,
-                               args.state_dir or default_state_dir(), args.allow_other)
+                               args.state_dir or default_state_dir(), args.allow_other,
+                               args.read_ahead_kb)
     if args.daemon:
         return mount.run_daemon(config, args.log_level, args.log_file)
     mount.setup_logging(args.log_level, args.log_file)
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--" + f.name.replace("_", "-"), type=_size if f.name.endswith("_minimum") else int,
                        default=f.default)
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
+    m.add_argument("--read-ahead-kb", type=int, default=4096,
+                   help="kernel read-ahead on the mount's files (default 4096)")
     m.add_argument("-o", dest="fuse_options", action="append", default=[],
                    help="FUSE option; only allow_other is accepted")
     m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")

@@ -37,6 +37,7 @@ class MountConfig:
     params: Params = field(default_factory=Params)
     state_dir: str = ""
     allow_other: bool = False
+    read_ahead_kb: int = 4096
 
 
 def parse_sources(specs: list[str]) -> list[tuple[str, str]]:
@@ -116,6 +117,31 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     return registry, ops.serve(registry), state
 
 
+async def _tune_read_ahead(registry: Registry, kib: int) -> None:
+    """After the kernel's INIT (which sets the read-ahead from the handshake): a stat
+    of the mount from a worker thread waits for it, then the bdi is tuned."""
+    try:
+        await trio.to_thread.run_sync(os.stat, registry.mountpoint)
+    except OSError as exc:
+        log.warning("mount not answering (%s): read-ahead left as it is", exc)
+        return
+    await trio.to_thread.run_sync(set_read_ahead, registry.mount_dev, kib)
+
+
+def set_read_ahead(dev: int, kib: int) -> None:
+    """The kernel's read-ahead on this mount's files (its bdi; 128 KiB by default).
+    Buffered sequential reads of a device or an image (``cp``, ``dd``) then arrive as
+    requests of up to 1 MiB, several in flight: 1 GiB dd of an uncached device file
+    measured 417 MB/s at 128 KiB, 861 at 1 MiB, 1300 at 4 MiB (raw device: 1100)."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except OSError as exc:
+        log.warning("cannot set read-ahead of the mount to %d KiB (%s): slower sequential reads",
+                    kib, exc)
+
+
 def run(config: MountConfig, ready=None) -> int:
     """Mount and serve until unmounted or signalled. ``ready()`` is called once the
     mount answers requests. Returns the exit status."""
@@ -136,7 +162,7 @@ def run(config: MountConfig, ready=None) -> int:
         raise SnapfsError(errno.EIO, f"{registry.mountpoint} is not in /proc/self/mountinfo after mounting")
     registry.mounted(found.dev)
     try:
-        trio.run(serve, registry, ready)
+        trio.run(serve, registry, ready, config.read_ahead_kb)
     except BaseException:
         log.critical("snapfs crashed; leaving %s mounted (fusermount3 -u -z to clear)",
                      registry.mountpoint)
@@ -148,9 +174,11 @@ def run(config: MountConfig, ready=None) -> int:
     return 0
 
 
-async def serve(registry: Registry, ready) -> None:
+async def serve(registry: Registry, ready, read_ahead_kb: int = 0) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
+        if read_ahead_kb:
+            nursery.start_soon(_tune_read_ahead, registry, read_ahead_kb)
         nursery.start_soon(_stop_on_signals, registry, nursery.cancel_scope)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)

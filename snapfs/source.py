@@ -65,6 +65,9 @@ class Source:
         if kind == "file":
             _lock(fd, path)
         size = os.lseek(fd, 0, os.SEEK_END)
+        # no read-ahead of our own: the kernel's read-ahead on the FUSE file already
+        # sizes our requests, and a 4 KiB random read must stay 4 KiB on the disk
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if size == 0 or size % SECTOR:
             os.close(fd)
             raise SnapfsError(errno.EINVAL, f"{path} is empty" if not size else
