@@ -33,7 +33,7 @@ import trio
 from . import control
 from .errors import SnapfsError
 from .registry import Registry
-from .snapshot import Image, Snapshot
+from .snapshot import Snapshot
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -86,40 +86,28 @@ class Handle:
         pass
 
 
-class DeviceHandle(Handle):
+class BlockHandle(Handle):
+    """A device or an image: reads and writes go to ``target`` (a Tracker or an
+    Image) through the kernel's page cache (direct_io off); ``sync`` is the fsync;
+    ``on_release`` runs when the kernel releases the handle."""
+
     direct_io = False
 
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
-        tracker.open_handles += 1
+    def __init__(self, target, sync, on_release=None):
+        self.target, self.sync, self.on_release = target, sync, on_release
 
     async def read(self, offset, size):
-        return await self.tracker.read(offset, size)
+        return await self.target.read(offset, size)
 
     async def write(self, offset, data):
-        return await self.tracker.write(offset, data)
+        return await self.target.write(offset, data)
 
     async def fsync(self):
-        await trio.to_thread.run_sync(self.tracker.sync)
+        await self.sync()
 
     def release(self):
-        self.tracker.open_handles -= 1
-
-
-class ImageHandle(Handle):
-    direct_io = False
-
-    def __init__(self, image: Image, registry: Registry):
-        self.image, self.registry = image, registry
-
-    async def read(self, offset, size):
-        return await self.image.read(offset, size)
-
-    async def write(self, offset, data):
-        return await self.image.write(offset, data)
-
-    async def fsync(self):
-        await self.registry.sync_image(self.image.area)
+        if self.on_release is not None:
+            self.on_release()
 
 
 class ContentHandle(Handle):
@@ -282,7 +270,13 @@ class DeviceFile(Entry):
         return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o777, t.capacity, _source_owner(t), True)
 
     async def open(self, ops, flags, ctx):
-        return DeviceHandle(self.tracker)
+        t = self.tracker
+        t.open_handles += 1      # detach waits for none
+
+        def release() -> None:
+            t.open_handles -= 1
+
+        return BlockHandle(t, lambda: trio.to_thread.run_sync(t.sync), release)
 
 
 class ImageFile(Entry):
@@ -296,7 +290,8 @@ class ImageFile(Entry):
         return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True)
 
     async def open(self, ops, flags, ctx):
-        return ImageHandle(self.snap.image(self.name), ops.registry)
+        image = self.snap.image(self.name)
+        return BlockHandle(image, lambda: ops.registry.sync_image(image.area))
 
 
 class ReadOnlyFile(Entry):

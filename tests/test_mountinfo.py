@@ -5,7 +5,7 @@ sources, storage, and a filesystem stacked on a device. The kernel escapes these
 import os
 import subprocess
 
-from helpers import FUSERMOUNT, MiB, SnapMount, make_device, requires_fuse
+from helpers import MiB, SnapMount, abort_fuse, bounded, make_device, requires_fuse
 
 from snapfs import mountinfo
 from snapfs.client import snapfs_mounts
@@ -48,15 +48,17 @@ def test_odd_paths_everywhere(tmp_path):
         store = base / "store dir"
         store.mkdir()
         snap = m.ok(f"snapshot_create '{store}' 64M fs d1")["id"]
-        assert m.ok(f"snapshot_take {snap}")["frozen"] == [str(fsmnt)]   # found and frozen
+        reply = bounded(lambda: m.ok(f"snapshot_take {snap}"), 30,
+                        lambda: (abort_fuse(m.path), subprocess.run(["fsfreeze", "-u", str(fsmnt)])))
+        assert reply["frozen"] == [str(fsmnt)]                       # found and frozen
         assert m.ok("status")["snapshots"][snap]["storage"] == f"tmpfile in {store}"
         m.ok(f"snapshot_destroy {snap}")
-    finally:
-        subprocess.run(["umount", str(fsmnt)], capture_output=True)
-        if loop:
-            subprocess.run(["losetup", "-d", loop], capture_output=True)
-    try:
+        subprocess.run(["umount", str(fsmnt)], check=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+        loop = None
         m.stop()
     finally:
+        subprocess.run(["umount", "-l", str(fsmnt)], capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
         m.cleanup()
-        subprocess.run([FUSERMOUNT, "-u", "-z", m.path], capture_output=True)
