@@ -15,7 +15,17 @@ import sys
 import time
 
 from . import __version__
-from .client import batched_lines, command, find_mount, quote, read_cbt, read_status, send, snapfs_mounts
+from .client import (
+    batched_lines,
+    command,
+    find_mount,
+    quote,
+    read_cbt,
+    read_status,
+    send,
+    snapfs_mounts,
+    source_released,
+)
 from .control import COMMANDS, MAX_TIMEOUT_MS, parse_range
 from .errors import SnapfsError
 from .params import SECTOR, Params, parse_number, parse_size
@@ -80,29 +90,36 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    """Unmount, then wait until the daemon has saved the CBT and let go of its sources
+    (their locks are free): that holds across pid namespaces, and it tells a mount
+    that still lives elsewhere (a container's private bind) from a finished stop."""
+    mountpoint = os.path.realpath(args.mountpoint)
     if mountpoint not in snapfs_mounts():
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
-    pid = read_status(mountpoint).get("pid")
+    status = read_status(mountpoint)
+    sources = [(d["path"], d["kind"]) for d in status["devices"].values()]
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
                           f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
-    wait_exit(pid, 60)
+    held = wait_released(sources, args.timeout)
+    if held:
+        raise SnapfsError(errno.EBUSY, f"{mountpoint} is unmounted here, but its daemon still holds "
+                          f"{held} after {args.timeout:g} s: the mount lives on in another mount "
+                          "namespace (a container's bind?) or the daemon is stuck; its CBT is saved "
+                          "when it stops")
     return 0
 
 
-def wait_exit(pid: int | None, timeout: float) -> None:
-    """Wait for the daemon to finish saving CBT and exit."""
+def wait_released(sources: list[tuple[str, str]], timeout: float) -> str | None:
+    """Wait until no source is held by a daemon; the first one still held, or None."""
     deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            return
-        time.sleep(0.05)
+    for path, kind in sources:
+        while not source_released(path, kind):
+            if time.monotonic() > deadline:
+                return path
+            time.sleep(0.05)
+    return None
 
 
 def cmd_status(args) -> int:
@@ -297,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open")
     u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the daemon to save CBT and let go (default 60)")
     u.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use")

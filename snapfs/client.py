@@ -7,6 +7,7 @@ modules (trio, pyfuse3), so it is cheap to import.
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shlex
@@ -128,3 +129,24 @@ def batched_lines(head: str, words: list[str]) -> list[str]:
             line = head
         line += " " + word
     return [*lines, line]
+
+
+def source_released(path: str, kind: str) -> bool:
+    """True when no daemon holds ``path``: a file's flock can be had, a block device
+    opens O_EXCL (snapfs holds both for as long as it serves the source)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_EXCL if kind == "bdev" else 0))
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise SnapfsError.from_oserror(exc, f"checking {path}") from None
+    try:
+        if kind != "bdev":
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

@@ -17,7 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "tools" / "bench"
 COLUMNS = ("workload", "unit", "snapfs", "qemu", "raw", "snapfs/qemu")
-HEADER = re.compile(r"^\|" + "".join(rf"\s*{re.escape(c)}\s*\|" for c in COLUMNS) + "$", re.MULTILINE)
+REAL_COLUMNS = ("workload", "unit", "snapfs", "qemu", "raw", "snapfs/raw", "snapfs/qemu")
+
+
+def _header(columns: tuple[str, ...]) -> re.Pattern:
+    """A Markdown header line with exactly ``columns``."""
+    return re.compile(r"^\|" + "".join(rf"\s*{re.escape(c)}\s*\|" for c in columns) + "$", re.MULTILINE)
+
+
+HEADER, REAL_HEADER = _header(COLUMNS), _header(REAL_COLUMNS)
 
 
 def _skip_reason() -> str | None:
@@ -34,7 +42,8 @@ def _skip_reason() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 def test_bench_quick_prints_the_table(tmp_path):
-    """--quick finishes, prints the table header and every row, writes the JSON file."""
+    """--quick finishes, prints both tables' headers (page-cached files, then the real
+    device), writes the JSON file with the rows of both."""
     report = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(BENCH), "--quick", "--workdir", str(tmp_path),
                            "--json", str(report)],
@@ -42,7 +51,12 @@ def test_bench_quick_prints_the_table(tmp_path):
     output = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
     assert done.returncode in (0, 3), output       # 3: table printed, some cells failed
     assert HEADER.search(done.stdout), output
-    rows = json.loads(report.read_text())["rows"]
+    assert REAL_HEADER.search(done.stdout), output
+    assert HEADER.search(done.stdout).start() < REAL_HEADER.search(done.stdout).start(), output
+    doc = json.loads(report.read_text())
+    rows, real_rows = doc["rows"], doc["real_rows"]
     assert rows and all({"workload", "unit", "snapfs", "qemu", "raw", "ratio"} <= set(r) for r in rows)
+    assert real_rows and all({"workload", "unit", "snapfs", "qemu", "raw", "ratio", "ratio_raw"} <= set(r)
+                             for r in real_rows)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("snapfs-bench-")], \
         "scratch directory left behind"
