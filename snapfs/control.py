@@ -157,8 +157,9 @@ async def _snapshot_take(reg: Registry, snap_id: str, option: str = "") -> dict:
     if option not in ("", "nofreeze"):
         raise SnapfsError(errno.EINVAL, f"unknown take option {option[:64]!r} (only nofreeze)")
     frozen = await reg.take(snap_id, nofreeze=option == "nofreeze")
-    block_ms = round(reg.snapshot(snap_id).last_take_block_ns / 1e6, 3)
-    return {"id": snap_id, "frozen": frozen, "write_block_ms": block_ms}
+    snap = reg.snapshot(snap_id)
+    block_ms = round(snap.last_take_block_ns / 1e6, 3)
+    return {"id": snap_id, "frozen": frozen, "not_frozen": snap.not_frozen, "write_block_ms": block_ms}
 
 
 async def _snapshot_destroy(reg: Registry, snap_id: str) -> dict:

@@ -7,6 +7,7 @@ through the loop device into the FUSE mount, so every call here is blocking and 
 run in a worker thread while the FUSE loop keeps serving.
 """
 
+import errno
 import fcntl
 import logging
 import os
@@ -52,12 +53,27 @@ def mounts_of(numbers: set[int]) -> list[str]:
     return points
 
 
-def stacked_mounts(files: set[tuple[int, int]]) -> list[str]:
-    """Mount points of filesystems stacked on the given device files."""
-    numbers: set[int] = set()
+def stacked_mounts(files: set[tuple[int, int]]) -> tuple[list[str], list[str]]:
+    """Mount points of filesystems stacked on the given device files; and the loop
+    devices over them that are in use but show no mount here (mounted in another
+    mount namespace, or held by another program): they cannot be frozen."""
+    points, hidden = [], []
     for loop in loop_devices_backed_by(files):
-        numbers |= _block_numbers(loop)
-    return mounts_of(numbers) if numbers else []
+        found = mounts_of(_block_numbers(loop))
+        if found:
+            points += found
+        elif _in_use(loop):
+            hidden.append(loop)
+    return points, hidden
+
+
+def _in_use(loop: str) -> bool:
+    """The loop device (or a partition of it) is claimed: a mount or an O_EXCL user."""
+    try:
+        os.close(os.open(f"/dev/{loop}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    return False
 
 
 def freeze(mountpoints: list[str]) -> list[tuple[str, int]]:

@@ -25,6 +25,7 @@ source durable at take time fsyncs the device file first (``sync MNT/devices/NAM
 """
 
 import errno
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from .errors import SnapfsError
 from .events import EventLog
 from .params import Params, chunk_size
 from .tracker import Tracker
+
+log = logging.getLogger(__name__)
 
 
 class Image:
@@ -71,6 +74,7 @@ class Snapshot:
         self.taken_ns = 0
         self.last_take_block_ns = 0
         self.taking = False
+        self.not_frozen: list[str] = []   # loop devices over members that could not be frozen
 
     @property
     def state(self) -> str:
@@ -137,6 +141,7 @@ class Snapshot:
             "created_ns": self.created_ns,
             "taken_ns": self.taken_ns,
             "take_write_block_ms": round(self.last_take_block_ns / 1e6, 3),
+            "not_frozen": self.not_frozen,
             "devices": devices,
             "events": len(self.events.events),
         } | self.storage.statistics()
@@ -160,7 +165,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     frozen: list = []
     try:
         if not nofreeze:
-            frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
+            frozen, snap.not_frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
         if snap.taken:
@@ -173,9 +178,12 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
                 await trio.to_thread.run_sync(freeze.thaw, frozen)
 
 
-def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> list:
-    mounts = freeze.stacked_mounts(device_files())
-    return freeze.freeze(mounts) if mounts else []
+def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> tuple[list, list[str]]:
+    mounts, hidden = freeze.stacked_mounts(device_files())
+    for loop in hidden:
+        log.warning("not freezing %s: it is in use but no mount of it is visible here "
+                    "(another mount namespace?); the image is crash-consistent", loop)
+    return (freeze.freeze(mounts) if mounts else []), hidden
 
 
 async def _switch_with_writes_held(snap: Snapshot, trackers: list[Tracker]) -> None:

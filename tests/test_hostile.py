@@ -451,3 +451,30 @@ def test_destroy_drops_cached_image_pages(mounter, device, storage_dir):
         assert info.value.errno in (errno.EIO, errno.ENOENT)
     finally:
         os.close(fd)
+
+
+def test_take_reports_a_stacked_filesystem_it_cannot_freeze(mounter, tmp_path, storage_dir):
+    """ext4 on a loop over a device file, mounted in another mount namespace: snapfs
+    cannot see (or freeze) it, and the take says so instead of a silent empty list."""
+    m = mounter({"fs": sparse(tmp_path / "fs.img", 64 * MiB)})
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", m.dev("fs"))
+    loop = run("losetup", "--find", "--show", m.dev("fs"))
+    inside = tmp_path / "ns-mnt"
+    inside.mkdir()
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f"mount {loop} {inside} && echo ready && exec sleep 60"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        snap = m.ok(f"snapshot_create {storage_dir} 64M fs")["id"]
+        reply = bounded(lambda: m.ok(f"snapshot_take {snap}"), 30, unhang(m))
+        assert reply["frozen"] == [] and reply["not_frozen"] == [os.path.basename(loop)], reply
+        assert "not freezing" in m.read_log()
+        m.ok(f"snapshot_destroy {snap}")
+    finally:
+        holder.kill()
+        holder.wait()
+        for _ in range(50):                                  # the namespace's mount goes away
+            if subprocess.run(["losetup", "-d", loop], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
