@@ -44,7 +44,7 @@ class Connection:
         try:
             self.fd = os.open(path, os.O_RDWR)
         except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+            raise mount_error(exc, mount, f"opening {path}") from None
 
     def send(self, line: str) -> dict:
         """The reply to ``line``, whether the command succeeded or not."""
@@ -98,7 +98,16 @@ def read_status(mount: str) -> dict:
         with open(path, "rb") as f:
             return json.loads(f.read())
     except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"reading {path}") from None
+        raise mount_error(exc, mount, f"reading {path}") from None
+
+
+def mount_error(exc: OSError, mount: str, what: str) -> SnapfsError:
+    """An OSError from a mount's files; a dead mount (its daemon gone) says how to
+    clear it."""
+    if exc.errno == errno.ENOTCONN:
+        return SnapfsError(errno.ENOTCONN, f"{mount} is a dead snapfs mount (its daemon is gone); "
+                           f"clear it with 'fusermount3 -u -z {mount}' and mount again")
+    return SnapfsError.from_oserror(exc, what)
 
 
 def read_cbt(mount: str, name: str) -> tuple[dict, bytes]:

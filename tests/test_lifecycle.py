@@ -169,3 +169,18 @@ def test_umount_tells_when_the_mount_lives_on_in_another_namespace(tmp_path):
         holder.wait()
     wait_gone(pid, 30)
     assert len(os.listdir(tmp_path / "st" / "cbt")) == 1      # saved at its clean stop
+
+
+def test_a_dead_mount_says_how_to_clear_it(tmp_path):
+    disk = tmp_path / "d.img"
+    make_device(disk, 4 << 20)
+    mnt, pid = daemon_mount(tmp_path, disk)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        for args in (["status", "-m", mnt], ["version", "-m", mnt], ["umount", mnt]):
+            result = snapfs(*args)
+            assert result.returncode == 1, (args, result)
+            assert f"fusermount3 -u -z {mnt}" in result.stderr, (args, result.stderr)
+    finally:
+        subprocess.run([FUSERMOUNT, "-u", "-z", mnt], check=False)
