@@ -10,6 +10,7 @@ describes what it measures and how):
     workloads   one round of the fio workloads, with and without a snapshot
     take        take latency (writers, longest write wait)
     memory      daemon RSS
+    realdev     the real-device table: the three on one uncached loop block device
     report      Results, ROWS, percentiles, ratios, the table and the JSON file
     cli         the command line and the run: parse_args, run_all, main
 """

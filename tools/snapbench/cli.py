@@ -2,6 +2,8 @@
 
     .venv/bin/python tools/bench [--quick] [--rounds N] [--size SIZE] [--workdir DIR] [--json FILE]
 
+Two tables: page-cached files (below), then a real device (``realdev``).
+
 Contenders (DESIGN.md section 8), each on its own copy of one random source file:
     snapfs  a snapfs mount (--chunk-minimum 64K, difference storage in the scratch dir);
     qemu    qemu-storage-daemon: a raw node over the file, exported over FUSE; a snapshot
@@ -15,6 +17,14 @@ qemu and raw in turn (A B R A B R ...), for --rounds rounds; the source is synce
 read into the page cache before each job. The table shows medians. Take latency and
 memory are measured once per contender (see ``run_take_test``, ``run_memory_test``).
 
+Real device (second table, ``realdev``; --no-real skips it): the three contenders take
+turns on ONE uncached loop device (losetup --direct-io=on over a --real-size file of
+random data; QEMU as a host_device node), page cache dropped before every job;
+--real-rounds rounds of --real-runtime s jobs: 4 KiB O_DIRECT random reads with 1 and
+16 jobs, a buffered 1 MiB sequential read and a ``cp`` of the device, a buffered read
+of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
+random reads with the source in the page cache.
+
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
 the scratch directory removed on every path, Ctrl-C and SIGTERM included.
@@ -25,6 +35,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,17 +48,20 @@ from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .memory import run_memory_test
 from .qemu import Qemu
-from .report import ROWS, Results, report
+from .realdev import run_real_device
+from .report import REAL_ROWS, ROWS, Results, report
 from .scratch import make_sources, scratch_dir
 from .take import run_take_test
-from .workloads import run_round
+from .workloads import run_round, start_all
 
 EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 
 
 # ----- configuration ----------------------------------------------------------------
 
-QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB}
+QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
+         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2}
+NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime")
 
 
 def _size_arg(text: str) -> int:
@@ -58,11 +72,12 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_args(argv: list[str] | None) -> Config:
-    """Command line -> Config (quick defaults first, explicit options win)."""
+def parser() -> argparse.ArgumentParser:
+    """The options."""
     p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="64 MiB devices, 1 round, 1 s jobs, 3 takes (smoke test, < 60 s)")
+                   help="64 MiB devices, 1 round, 1 s jobs, 3 takes; real device 256 MiB, 2 s jobs "
+                        "(smoke test, < 90 s)")
     p.add_argument("--rounds", type=int, help="rounds of every workload (default 3)")
     p.add_argument("--size", type=_size_arg, help="device size (default 1G)")
     p.add_argument("--runtime", type=int, help="seconds per random-I/O job (default 10)")
@@ -71,24 +86,36 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--workdir", help="scratch parent directory (default /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
     p.add_argument("--no-qemu", action="store_true", help="skip qemu-storage-daemon")
+    p.add_argument("--real-size", type=_size_arg, help="loop device of the real-device table (2G)")
+    p.add_argument("--real-rounds", type=int, help="rounds of the real-device table (default 3)")
+    p.add_argument("--real-runtime", type=int, help="seconds per real-device job (default 8)")
+    p.add_argument("--no-real", action="store_true", help="skip the real-device table")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Command line -> Config (quick defaults first, explicit options win)."""
+    p = parser()
     a = p.parse_args(argv)
-    cfg = Config(quick=a.quick, qemu=not a.no_qemu, workdir=a.workdir, json=a.json)
+    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json)
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
-    for key in ("rounds", "size", "runtime", "takes", "scatter"):
+    for key in NUMBERS:
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
-    if cfg.rounds < 1 or cfg.takes < 1 or cfg.size < 16 * CLUSTER or cfg.size % MiB:
-        p.error("need rounds >= 1, takes >= 1 and a size that is a multiple of 1 MiB, >= 1 MiB")
+    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size))
+    if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime) < 1 or not sizes_ok:
+        p.error("need rounds, takes and runtimes >= 1 and sizes that are multiples of 1 MiB")
     return cfg
 
 
 def check_tools(cfg: Config) -> None:
     """fio and fusermount3 are required; qemu-storage-daemon is skipped in --quick."""
-    missing = [tool for tool in ("fio", "fusermount3") if not shutil.which(tool)]
+    tools = ("fio", "fusermount3", *(("losetup", "blockdev") if cfg.real else ()))
+    missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
-        raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3")
+        raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3 util-linux")
     if cfg.qemu and not shutil.which("qemu-storage-daemon"):
         if not cfg.quick:
             raise BenchError("qemu-storage-daemon missing: apt-get install -y qemu-system-common "
@@ -123,22 +150,13 @@ def start_contenders(cfg: Config, work: Path, stack: contextlib.ExitStack, res: 
     that fails to start is left out and all its cells are marked failed."""
     names = contender_names(cfg)
     sources = make_sources(cfg, work, names)
-    started = []
-    for name in names:
-        c = make_contender(name, work, sources[name], cfg.size, 4 * cfg.size)
-        stack.callback(c.stop)
-        try:
-            c.start()
-            started.append(c)
-        except Exception as exc:
-            for row in ROWS:
-                if not row.key.startswith("mem_"):
-                    res.fail(row.key, name, f"start failed: {exc}")
-    return started
+    cs = [make_contender(name, work, sources[name], cfg.size, 4 * cfg.size) for name in names]
+    return start_all(cs, stack, res, [row.key for row in ROWS if not row.key.startswith("mem_")])
 
 
 def run_all(cfg: Config, work: Path, res: Results) -> None:
-    """Rounds, take test, memory test; every contender stopped at the end of its part."""
+    """Page-cached rounds, take test, memory test, then the real device; every
+    contender stopped at the end of its part."""
     with contextlib.ExitStack() as stack:
         cs = start_contenders(cfg, work, stack, res)
         for rnd in range(cfg.rounds):
@@ -155,6 +173,20 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
                                cfg.mem_device, 4 * cfg.scatter)
             guarded(res, ["mem_written"], name, run_memory_test, c, cfg, res)
             note_log_problems([c], res)
+    if cfg.real:
+        run_real(cfg, work, res)
+
+
+def run_real(cfg: Config, work: Path, res: Results) -> None:
+    """The real-device table; if it cannot be set up, all its cells are marked failed."""
+    try:
+        cs = run_real_device(cfg, work, res)
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        for row in REAL_ROWS:
+            for name in contender_names(cfg):
+                res.fail(row.key, name, f"real device: {exc}")
+        return
+    note_log_problems(cs, res)
 
 
 def guarded(res: Results, keys: list[str], who: str, fn: Callable, *args) -> None:

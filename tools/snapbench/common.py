@@ -43,5 +43,9 @@ class Config:
     mem_device: int = TiB        # sparse device of the memory test
     scatter: int = GiB           # bytes of scattered writes in the memory test
     qemu: bool = True
+    real: bool = True            # the real-device section (realdev)
+    real_size: int = 2 * GiB     # its loop device
+    real_rounds: int = 3
+    real_runtime: int = 8        # seconds per time-based job there
     workdir: str | None = None
     json: str | None = None

@@ -44,6 +44,12 @@ class Contender:
         """Path of the device as the workload sees it."""
         return self.source
 
+    @property
+    def reader(self) -> Path:
+        """Path the plain read jobs of the real-device section use: the device, unless
+        the contender has a read-only path closer to the source."""
+        return self.device
+
     def start(self) -> None:
         """Bring the contender up."""
 

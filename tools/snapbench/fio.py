@@ -53,6 +53,20 @@ def first_touch_job(path: Path, cfg: Config, work: Path, seed: int) -> list[str]
     return [f"--read_iolog={iolog}", "--replay_no_stall=1"]
 
 
+def with_options(job: Callable[..., list[str]], *options: str) -> Callable[..., list[str]]:
+    """``job`` with more fio options; they come last, so they override FIO_COMMON's
+    (``--direct=0``, ``--numjobs=16``)."""
+    def build(*args) -> list[str]:
+        """The options of ``job``, then ``options``."""
+        return [*job(*args), *options]
+    return build
+
+
+def jobs(count: int) -> tuple[str, ...]:
+    """``count`` parallel jobs reported as one (fio's JSON then has one job record)."""
+    return (f"--numjobs={count}", "--group_reporting")
+
+
 def scatter_job(path: Path, cfg: Config) -> list[str]:
     """Memory test: ``cfg.scatter`` bytes of 64 KiB writes at random places."""
     return [f"--filename={path}", "--rw=randwrite", f"--bs={CLUSTER}", f"--size={cfg.mem_device}",
@@ -72,6 +86,11 @@ class Workload:
         data = job[self.section]
         return data["bw_bytes"] / MiB if self.metric == "bw" else data["iops"]
 
+    @property
+    def unit(self) -> str:
+        """MiB/s or IOPS, for the progress log."""
+        return "MiB/s" if self.metric == "bw" else "IOPS"
+
 
 WORKLOADS = {
     "plain_seq_write": Workload(partial(seq_job, "write"), "write", "bw"),
@@ -81,4 +100,16 @@ WORKLOADS = {
     "cow_rand_write": Workload(first_touch_job, "write", "iops"),
     "snap_seq_read": Workload(partial(seq_job, "read"), "read", "bw"),
     "snap_rand_read": Workload(partial(rand_job, "randread"), "read", "iops"),
+}
+
+# the real-device section (realdev): an uncached loop block device
+RAND_READ_16 = Workload(with_options(partial(rand_job, "randread"), *jobs(16)), "read", "iops")
+BUFFERED_SEQ_READ = Workload(with_options(partial(seq_job, "read"), "--direct=0"), "read", "bw")
+WORKLOADS |= {
+    "real_rand_read_1": Workload(partial(rand_job, "randread"), "read", "iops"),
+    "real_rand_read_16": RAND_READ_16,
+    "real_seq_read": BUFFERED_SEQ_READ,
+    "real_snap_seq_read": BUFFERED_SEQ_READ,
+    "real_cow_rand_write": Workload(with_options(partial(rand_job, "randwrite"), *jobs(8)), "write", "iops"),
+    "real_cached_rand_read_16": RAND_READ_16,
 }

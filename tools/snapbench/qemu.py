@@ -72,11 +72,13 @@ class Qemu(Contender):
     by blockdev-reopen, plus a snapshot-access node exported as ``snap.img``."""
 
     name = "qemu"
+    driver = "file"        # of the protocol node file0
 
     def __init__(self, directory: Path, source: Path, size: int):
         """Paths of the exports, the target and the QMP socket in ``directory``."""
         super().__init__(directory, source, size)
         self.live, self.snap = directory / "live.img", directory / "snap.img"
+        self.mountpoints = [self.live, self.snap]
         self.fleece, self.sock = directory / "fleece.img", directory / "qmp.sock"
         self.log = directory / "qsd.log"
         self.proc: subprocess.Popen | None = None
@@ -92,11 +94,11 @@ class Qemu(Contender):
     def start(self) -> None:
         """Start the daemon with the plain export; connect QMP."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for path in (self.live, self.snap):
+        for path in self.mountpoints:
             path.touch()
         self._reset_target()
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=file0,filename={self.source}",
+               "--blockdev", f"driver={self.driver},node-name=file0,filename={self.source}",
                "--blockdev", "driver=raw,node-name=live,file=file0",
                "--export", f"type=fuse,id=exp-live,node-name=live,mountpoint={self.live},writable=on",
                "--chardev", f"socket,path={self.sock},server=on,wait=off,id=qmp0",
@@ -181,5 +183,30 @@ class Qemu(Contender):
                 self.qmp = None
             finish_process(self.proc, 10)
             self.proc = None
-            for path in (self.live, self.snap):
+            for path in self.mountpoints:
                 lazy_unmount(path)
+
+
+class QemuDevice(Qemu):
+    """Qemu over a block device (the real-device section): file0 is a host_device node,
+    also exported read-only by itself as ``dev.img`` for the plain reads; writes and
+    fleecing go through ``live`` as in Qemu."""
+
+    driver = "host_device"
+
+    def __init__(self, directory: Path, source: Path, size: int):
+        """One more export: ``dev.img``."""
+        super().__init__(directory, source, size)
+        self.direct = directory / "dev.img"
+        self.mountpoints.append(self.direct)
+
+    @property
+    def reader(self) -> Path:
+        """The host_device node's own export."""
+        return self.direct
+
+    def start(self) -> None:
+        """Qemu's start, then the read-only export of file0."""
+        super().start()
+        self.qmp.execute("block-export-add", {"type": "fuse", "id": "exp-dev", "node-name": "file0",
+                                              "mountpoint": str(self.direct), "writable": False})

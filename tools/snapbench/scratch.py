@@ -76,9 +76,14 @@ def settle(source: Path) -> None:
     read back by read-ahead) -- measured with a plain pwrite loop, no FUSE involved.
     The bench once gave snapfs the big-folio file and QEMU a copied one."""
     os.sync()
-    fd = os.open(source, os.O_RDONLY)
+    forget(source)
+    warm(source)
+
+
+def forget(path: Path) -> None:
+    """Drop the clean page-cache pages of ``path`` (a file or a block device)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    warm(source)

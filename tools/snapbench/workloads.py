@@ -2,6 +2,8 @@
 
 import contextlib
 import subprocess
+from collections.abc import Callable
+from operator import methodcaller
 from pathlib import Path
 
 from .common import BenchError, Config, log
@@ -10,34 +12,67 @@ from .fio import WORKLOADS, fio
 from .report import Results
 from .scratch import settle
 
+ERRORS = (BenchError, OSError, subprocess.SubprocessError, ValueError, KeyError)
 
-def measure(res: Results, key: str, c: Contender, path: Path, cfg: Config, work: Path, seed: int) -> None:
-    """Run workload ``key`` on ``path`` of contender ``c``; record the value or failure."""
-    wl = WORKLOADS[key]
+
+def record(res: Results, key: str, who: str, unit: str, run: Callable[[], float]) -> None:
+    """Run one measurement ``run``; record its value, or its failure."""
     try:
-        settle(c.source)
-        value = wl.value(fio(wl.job(path, cfg, work, seed)))
-    except (BenchError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        res.fail(key, c.name, exc)
+        value = run()
+    except ERRORS as exc:
+        res.fail(key, who, exc)
         return
-    res.add(key, c.name, value)
-    log(f"  {key:17} {c.name:7} {value:10.1f} {'MiB/s' if wl.metric == 'bw' else 'IOPS'}")
+    res.add(key, who, value)
+    log(f"  {key:24} {who:7} {value:10.1f} {unit}")
+
+
+def measure(res: Results, key: str, c: Contender, path: Path, cfg: Config, work: Path, seed: int,
+            prepare: Callable[[Path], None] = settle) -> None:
+    """Run workload ``key`` on ``path`` of contender ``c`` after ``prepare(c.source)``
+    (by default: synced and read into the page cache); record the value or failure."""
+    wl = WORKLOADS[key]
+
+    def run() -> float:
+        """Prepare, then one fio job."""
+        prepare(c.source)
+        return wl.value(fio(wl.job(path, cfg, work, seed)))
+
+    record(res, key, c.name, wl.unit, run)
+
+
+def each(cs: list[Contender], res: Results, keys: list[str], what: str,
+         done: list[Contender] | None = None) -> list[Contender]:
+    """Method ``what`` (start, take) of every contender; appends those it worked on to
+    ``done`` (as they succeed) and returns it. A failure marks ``keys`` failed for that
+    contender."""
+    done = [] if done is None else done
+    action = methodcaller(what)
+    for c in cs:
+        try:
+            action(c)
+            done.append(c)
+        except Exception as exc:
+            for key in keys:
+                res.fail(key, c.name, f"{what} failed: {exc}")
+    return done
+
+
+def start_all(cs: list[Contender], stack: contextlib.ExitStack, res: Results,
+              keys: list[str]) -> list[Contender]:
+    """Start every contender (all stops registered first); one that fails to start is
+    left out and its ``keys`` are marked failed. Returns those started."""
+    for c in cs:
+        stack.callback(c.stop)
+    return each(cs, res, keys, "start")
 
 
 @contextlib.contextmanager
 def snapshots(cs: list[Contender], res: Results, keys: list[str]):
     """Take a snapshot on every contender; yield those that have one; release them all.
     A failed take marks ``keys`` failed for that contender."""
-    held = []
+    held: list[Contender] = []
     try:
-        for c in cs:
-            try:
-                c.take()
-                held.append(c)
-            except Exception as exc:
-                for key in keys:
-                    res.fail(key, c.name, f"take failed: {exc}")
-        yield held
+        yield each(cs, res, keys, "take", held)
     finally:
         for c in held:
             try:
