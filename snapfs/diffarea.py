@@ -60,17 +60,28 @@ class DiffArea:
         start = i * self.chunk_size
         return start, min(start + self.chunk_size, self.capacity)
 
-    async def cow(self, offset: int, length: int) -> None:
+    async def cow(self, offset: int, length: int, then=None) -> bool:
         """Before a device write of [offset, offset+length): copy every chunk it touches
-        that was not copied yet (or wait for its copy in flight). Never raises:
-        failures corrupt the image."""
-        if self.error or self.closed or length <= 0:
-            return
+        that was not copied yet, waiting for copies in flight by others. Never raises
+        for the copy: failures corrupt the image.
+
+        The chunks this call copies are copied in one worker-thread call (contiguous
+        ones with one read and one write), and ``then``, the blocking device write,
+        runs in that same call right after them: one thread hop for a first write.
+        Returns True when ``then`` ran (an OSError of it is raised), False when the
+        caller must still write."""
+        if length <= 0:
+            return False
         first = offset // self.chunk_size
         last = (min(offset + length, self.capacity) - 1) // self.chunk_size
-        for i in range(first, last + 1):
-            if not await self._ensure_copied(i, by_device=True):
-                return
+        while not (self.error or self.closed):
+            pending = next((ev for j, ev in self._copying.items() if first <= j <= last), None)
+            if pending is not None:
+                await pending.wait()
+                continue
+            todo = [i for i in range(first, last + 1) if not self.copied[i]]
+            return bool(todo) and await self._copy(todo, True, then)
+        return False
 
     async def _ensure_copied(self, i: int, by_device: bool) -> bool:
         """Chunk i is in the storage when this returns True; False: image unusable."""
@@ -81,33 +92,82 @@ class DiffArea:
             if pending is not None:
                 await pending.wait()
             else:
-                await self._copy(i, by_device)
+                await self._copy([i], by_device)
         return True
 
-    async def _copy(self, i: int, by_device: bool) -> None:
-        """Copy chunk i's take-time content into a new slot; the only copy of chunk i
-        (``_copying[i]`` is set with no await before it)."""
-        done = self._copying[i] = trio.Event()
-        start, end = self._chunk_span(i)
+    async def _copy(self, chunks: list[int], by_device: bool, then=None) -> bool:
+        """Copy the take-time content of ``chunks`` (none copied or in flight) into new
+        slots; ``_copying`` marks them, set with no await after the caller's check.
+        With ``then`` (the device write), it runs in the copy's thread afterwards,
+        whatever the copy did; returns whether it ran."""
+        done = trio.Event()
+        for i in chunks:
+            self._copying[i] = done
+        copy_error = write_error = None
+        ran = False
         try:
             with self.storage.in_flight.using():
-                slot = self.storage.alloc(end - start)
-                data = await workers.read(self.source, start, end - start)
-                await workers.run(self.storage.write, slot, data)
+                jobs = self._jobs(chunks)
+                copy_error, write_error = await workers.run(self._copy_then, jobs, then)
+                ran = then is not None
+            if copy_error is not None:
+                raise copy_error
             if not self.closed:
-                self.slots[i] = slot
-                self.copied[i] = 1
-                if by_device:
-                    self.cow_copies += 1
-                else:
-                    self.image_copies += 1
-        except SnapfsError as exc:
+                self._mark_copied(chunks, jobs, by_device)
+        except SnapfsError as exc:                 # no slot: nothing ran
             self.corrupt(exc.errno)
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
         finally:
-            del self._copying[i]
+            for i in chunks:
+                del self._copying[i]
             done.set()
+        if write_error is not None:
+            raise write_error
+        return ran
+
+    def _jobs(self, chunks: list[int]) -> list[tuple[int, int, int]]:
+        """Allocate a slot per chunk (in order, so slots of consecutive chunks follow
+        each other) and merge them into (source offset, size, slot) runs."""
+        jobs: list[list[int]] = []
+        for i in chunks:
+            start, end = self._chunk_span(i)
+            slot = self.storage.alloc(end - start)
+            if jobs and jobs[-1][0] + jobs[-1][1] == start and jobs[-1][2] + jobs[-1][1] == slot:
+                jobs[-1][1] += end - start
+            else:
+                jobs.append([start, end - start, slot])
+        return [(a, b, c) for a, b, c in jobs]
+
+    def _mark_copied(self, chunks: list[int], jobs, by_device: bool) -> None:
+        slots = {}
+        for start, size, slot in jobs:
+            for off in range(0, size, self.chunk_size):
+                slots[(start + off) // self.chunk_size] = slot + off
+        for i in chunks:
+            self.slots[i] = slots[i]
+            self.copied[i] = 1
+        if by_device:
+            self.cow_copies += len(chunks)
+        else:
+            self.image_copies += len(chunks)
+
+    def _copy_then(self, jobs, then) -> tuple:
+        """Worker thread: copy each run, then the device write whatever the copy did
+        (the original never suffers). Returns (copy error, write error)."""
+        copy_error = None
+        try:
+            for start, size, slot in jobs:
+                self.storage.write(slot, self.source.pread(start, size))
+        except OSError as exc:
+            copy_error = exc
+        if then is None:
+            return copy_error, None
+        try:
+            then()
+        except OSError as exc:
+            return copy_error, exc
+        return copy_error, None
 
     def corrupt(self, code: int) -> None:
         """Mark the image corrupted with ``code`` (first error wins) and post the event."""
@@ -145,8 +205,13 @@ class DiffArea:
                         j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
                         stop = end if j < 0 else min(j * cs, end)
                         data = await workers.read(self.source, pos, stop - pos)
-                        if self.copied.find(1, i, (stop - 1) // cs + 1) >= 0:   # copied meanwhile:
-                            continue                                             # the source may be newer
+                        k = (stop - 1) // cs + 1
+                        pending = next((ev for j, ev in self._copying.items() if i <= j < k), None)
+                        if pending is not None:           # a copy (and maybe its write) in flight
+                            await pending.wait()
+                            continue
+                        if self.copied.find(1, i, k) >= 0:   # copied meanwhile: the source may
+                            continue                         # be newer: read again
                     self.check_usable()
                     parts.append(data)
                     pos = stop

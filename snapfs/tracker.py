@@ -16,6 +16,7 @@ its source write returned.
 """
 
 import errno
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,11 +99,12 @@ class Tracker:
         async with self.gate.admitted():
             n = self._clip(offset, len(data))
             self.cbt.mark(offset, n)
-            area = self.area
-            if area is not None:
-                await area.cow(offset, n)
+            view, area = memoryview(data)[:n], self.area
             try:
-                await workers.run(self.source.pwrite, offset, memoryview(data)[:n])
+                written = area is not None and await area.cow(
+                    offset, n, then=functools.partial(self.source.pwrite, offset, view))
+                if not written:
+                    await workers.run(self.source.pwrite, offset, view)
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
             self.bytes_written += n
