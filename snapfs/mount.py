@@ -11,6 +11,7 @@
 import errno
 import logging
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -77,6 +78,23 @@ def check_source(path: str) -> None:
         raise SnapfsError(errno.EINVAL, f"source {path} is not a regular file or block device")
 
 
+def check_fuse() -> None:
+    """FUSE is usable here: /dev/fuse exists and opens, and a non-root user has
+    fusermount3. One line saying what is wrong and how to fix it otherwise."""
+    if not os.path.exists("/dev/fuse"):
+        raise SnapfsError(errno.ENODEV, "/dev/fuse is missing: load the fuse module (modprobe fuse); "
+                          "in a container pass the device (docker run --device /dev/fuse, "
+                          "bwrap --dev-bind /dev/fuse /dev/fuse)")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        raise SnapfsError(exc.errno or errno.EIO, f"cannot open /dev/fuse ({os.strerror(exc.errno or 5)}): "
+                          "a container needs the device (--device /dev/fuse) and the right to "
+                          "mount FUSE (root or CAP_SYS_ADMIN)") from None
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        raise SnapfsError(errno.ENOENT, "fusermount3 is missing: apt-get install fuse3")
+
+
 def check_state_dir(path: str) -> str:
     """The state directory (CBT is saved there at a clean stop) must be a writable
     directory; it is created (0700) when missing. Returns the absolute path."""
@@ -96,6 +114,7 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     """Open every source and restore its CBT. Raises SnapfsError, closing what it
     opened."""
     mountpoint = check_mountpoint(config.mountpoint)
+    check_fuse()
     config.state_dir = check_state_dir(config.state_dir)
     pairs = parse_sources(config.sources)
     for _, path in pairs:
@@ -153,7 +172,8 @@ def run(config: MountConfig, ready=None) -> int:
         pyfuse3.init(ops, registry.mountpoint, options)
     except RuntimeError as exc:
         registry.close_sources()
-        raise SnapfsError(errno.EIO, f"mounting {registry.mountpoint} failed: {exc}") from None
+        raise SnapfsError(errno.EIO, f"mounting {registry.mountpoint} failed: {exc} (not permitted "
+                          "to mount here? root or CAP_SYS_ADMIN is needed)") from None
     state.consume()
     found = mountinfo.at(registry.mountpoint)   # never stat our own mount from its thread
     if found is None:   # without its device number the storage guard and freeze are blind
@@ -241,6 +261,7 @@ def run_daemon(config: MountConfig, log_level: str, log_file: str | None) -> int
     """``snapfs mount --daemon``: fork; the child mounts and reports readiness (or its
     error) through a pipe; the parent returns only then (0 ready, 1 failed)."""
     check_mountpoint(config.mountpoint)
+    check_fuse()
     config.state_dir = check_state_dir(config.state_dir)
     log_file = os.path.abspath(log_file or os.path.join(config.state_dir, "snapfs.log"))
     try:

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -184,3 +185,22 @@ def test_a_dead_mount_says_how_to_clear_it(tmp_path):
             assert f"fusermount3 -u -z {mnt}" in result.stderr, (args, result.stderr)
     finally:
         subprocess.run([FUSERMOUNT, "-u", "-z", mnt], check=False)
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_missing_dev_fuse_is_one_clear_line(tmp_path, daemon):
+    """As in a container started without the device: /dev/fuse hidden in a private
+    mount namespace (a tmpfs over /dev)."""
+    disk = tmp_path / "d.img"
+    make_device(disk, 1 << 20)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cmd = " ".join([sys.executable, "-m", "snapfs", "mount", *(["--daemon"] if daemon else []),
+                    "--state-dir", str(tmp_path / "st"), str(mnt), f"d={disk}"])
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs none /dev && exec {cmd}"],
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "/dev/fuse is missing" in lines[0] and "--device /dev/fuse" in lines[0], lines
+    assert not is_mounted(str(mnt))
