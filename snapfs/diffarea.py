@@ -74,26 +74,24 @@ class DiffArea:
             return False
         first = offset // self.chunk_size
         last = (min(offset + length, self.capacity) - 1) // self.chunk_size
+        return await self._copy_range(first, last, True, then)
+
+    async def _copy_range(self, first: int, last: int, by_device: bool, then=None) -> bool:
+        """Chunks first..last end up copied, or the image unusable (``error`` or
+        ``closed``): wait for copies in flight by others, then copy the rest in one
+        worker call, ``then`` after them. Returns whether ``then`` ran."""
         while not (self.error or self.closed):
-            pending = next((ev for j, ev in self._copying.items() if first <= j <= last), None)
+            pending = self._copy_in_flight(first, last + 1)
             if pending is not None:
                 await pending.wait()
                 continue
             todo = [i for i in range(first, last + 1) if not self.copied[i]]
-            return bool(todo) and await self._copy(todo, True, then)
+            return bool(todo) and await self._copy(todo, by_device, then)
         return False
 
-    async def _ensure_copied(self, i: int, by_device: bool) -> bool:
-        """Chunk i is in the storage when this returns True; False: image unusable."""
-        while not self.copied[i]:
-            if self.error or self.closed:
-                return False
-            pending = self._copying.get(i)
-            if pending is not None:
-                await pending.wait()
-            else:
-                await self._copy([i], by_device)
-        return True
+    def _copy_in_flight(self, first: int, stop: int) -> trio.Event | None:
+        """The event of a copy in flight of a chunk in [first, stop), or None."""
+        return next((ev for j, ev in self._copying.items() if first <= j < stop), None)
 
     async def _copy(self, chunks: list[int], by_device: bool, then=None) -> bool:
         """Copy the take-time content of ``chunks`` (none copied or in flight) into new
@@ -206,7 +204,7 @@ class DiffArea:
                         stop = end if j < 0 else min(j * cs, end)
                         data = await workers.read(self.source, pos, stop - pos)
                         k = (stop - 1) // cs + 1
-                        pending = next((ev for j, ev in self._copying.items() if i <= j < k), None)
+                        pending = self._copy_in_flight(i, k)
                         if pending is not None:           # a copy (and maybe its write) in flight
                             await pending.wait()
                             continue
@@ -239,7 +237,8 @@ class DiffArea:
             while pos < end:
                 i = pos // cs
                 stop = min((i + 1) * cs, end)
-                if not await self._ensure_copied(i, by_device=False):
+                await self._copy_range(i, i, by_device=False)
+                if not self.copied[i]:
                     self.check_usable()
                 try:
                     await workers.run(self.storage.write, self.slots[i] + pos - i * cs,

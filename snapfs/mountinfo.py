@@ -53,14 +53,3 @@ def at(mountpoint: str) -> Mount | None:
         if m.mountpoint == mountpoint:
             found = m
     return found
-
-
-def of_dev(dev: int) -> list[Mount]:
-    """The mounts of the filesystem whose device number is ``dev``."""
-    return [m for m in mounts() if m.dev == dev]
-
-
-def fstype_of(dev: int) -> str | None:
-    """The type of the filesystem with device number ``dev`` if it is mounted."""
-    found = of_dev(dev)
-    return found[0].fstype if found else None

@@ -21,7 +21,6 @@ import errno
 import logging
 import os
 import re
-import stat
 from typing import Protocol
 
 import trio
@@ -162,8 +161,7 @@ class Registry:
     async def _check_under_storage(self, name: str, source: Source) -> None:
         """A live snapshot's storage must not rest on a new source: its copies would
         change that source behind its tracker. EINVAL naming the snapshot."""
-        only = Guard(None, bdevs={source.st.st_rdev: name} if source.kind == "bdev" else {},
-                     files={} if source.kind == "bdev" else {(source.st.st_dev, source.st.st_ino): name})
+        only = Guard(None).add(name, source.st)
         for snap in list(self.snapshots.values()):
             if snap.storage.closed:
                 continue
@@ -201,11 +199,7 @@ class Registry:
         """What storages and sources must not rest on (stack.py), as of now."""
         guard = Guard(self.mount_dev)
         for t in self.devices.values():
-            src = t.source.st
-            if stat.S_ISBLK(src.st_mode):
-                guard.bdevs[src.st_rdev] = t.name
-            else:
-                guard.files[src.st_dev, src.st_ino] = t.name
+            guard.add(t.name, t.source.st)
         return guard
 
     async def check_storage(self, snap: Snapshot) -> None:
@@ -386,8 +380,7 @@ def open_source(path: str, guard: Guard) -> Source:
         st = os.stat(path)
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"source {path}") from None
-    is_bdev = stat.S_ISBLK(st.st_mode)
-    same = guard.bdevs.get(st.st_rdev) if is_bdev else guard.files.get((st.st_dev, st.st_ino))
+    same = guard.source_name(st)
     if same is not None:
         raise SnapfsError(errno.EEXIST, f"{path} is already attached as {same}")
     reason = guard.why_not(st, False)

@@ -151,12 +151,23 @@ class Guard:
                 return reason
         return None
 
+    def add(self, name: str, st: os.stat_result) -> "Guard":
+        """Guard the source of device ``name`` (its stat)."""
+        if stat.S_ISBLK(st.st_mode):
+            self.bdevs[st.st_rdev] = name
+        else:
+            self.files[st.st_dev, st.st_ino] = name
+        return self
+
+    def source_name(self, st: os.stat_result) -> str | None:
+        """The device whose source ``st`` is, or None."""
+        if stat.S_ISBLK(st.st_mode):
+            return self.bdevs.get(st.st_rdev)
+        return self.files.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
+
     def _same_source(self, st: os.stat_result) -> str | None:
-        if stat.S_ISBLK(st.st_mode) and st.st_rdev in self.bdevs:
-            return f"is the source of device {self.bdevs[st.st_rdev]}"
-        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in self.files:
-            return f"is the source of device {self.files[st.st_dev, st.st_ino]}"
-        return None
+        name = self.source_name(st)
+        return f"is the source of device {name}" if name is not None else None
 
     def _layer_reason(self, layer: Layer, fstypes: dict[int, str], storage: bool,
                       own: bool) -> str | None:
