@@ -198,11 +198,12 @@ class DiffArea:
                     if self.copied[i]:
                         k = self._stored_run_end(i, (end - 1) // cs)
                         stop = min(k * cs, end)
-                        data = await workers.read(self.storage, self.slots[i] + pos - i * cs, stop - pos)
+                        data = await workers.read(self.storage, self.slots[i] + pos - i * cs, stop - pos,
+                                                 bulk=True)
                     else:
                         j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
                         stop = end if j < 0 else min(j * cs, end)
-                        data = await workers.read(self.source, pos, stop - pos)
+                        data = await workers.read(self.source, pos, stop - pos, bulk=True)
                         k = (stop - 1) // cs + 1
                         pending = self._copy_in_flight(i, k)
                         if pending is not None:           # a copy (and maybe its write) in flight

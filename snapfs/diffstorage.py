@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable
 
 from .errors import SnapfsError
-from .workers import InFlight, pread_nowait
+from .workers import HitRate, InFlight, pread_nowait
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class DiffStorage:
                  growable: bool = True, on_grow: "Callable[[DiffStorage], bool] | None" = None,
                  on_no_space: Callable[[int], None] | None = None):
         self.fd = fd
+        self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
         self.description = description
         self.capacity = capacity
         self.requested = capacity

@@ -136,15 +136,38 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     return registry, ops.serve(registry), state
 
 
-async def _tune_read_ahead(registry: Registry, kib: int) -> None:
-    """After the kernel's INIT (which sets the read-ahead from the handshake): a stat
-    of the mount from a worker thread waits for it, then the bdi is tuned."""
+async def _tune_connection(registry: Registry, kib: int) -> None:
+    """After the kernel's INIT (which sets the read-ahead and the background limit from
+    the handshake): a stat of the mount from a worker thread waits for it, then the
+    bdi and the connection are tuned."""
     try:
         await trio.to_thread.run_sync(os.stat, registry.mountpoint)
     except OSError as exc:
         log.warning("mount not answering (%s): read-ahead left as it is", exc)
         return
-    await trio.to_thread.run_sync(set_read_ahead, registry.mount_dev, kib)
+    if kib:
+        await trio.to_thread.run_sync(set_read_ahead, registry.mount_dev, kib)
+    await trio.to_thread.run_sync(set_background, registry.mount_dev)
+
+
+# Asynchronous requests (read-ahead, and the direct I/O of a loop device stacked on a
+# device file) the kernel keeps in flight on the connection; libfuse asks for 12.
+# A backup's read-ahead of an image then takes most of them, and the writes of a
+# database on a loop device over a device file queue in the kernel behind it.
+MAX_BACKGROUND = 64
+
+
+def set_background(dev: int) -> None:
+    """The connection's ``max_background`` (and its congestion threshold, 3/4 of it)
+    through fusectl, if mounted; otherwise the kernel's default stays."""
+    base = f"/sys/fs/fuse/connections/{os.minor(dev)}"
+    try:
+        for name, value in (("max_background", MAX_BACKGROUND),
+                            ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
+            with open(f"{base}/{name}", "w") as f:
+                f.write(str(value))
+    except OSError as exc:
+        log.info("cannot raise max_background through %s (%s): the kernel's 12 stays", base, exc)
 
 
 def set_read_ahead(dev: int, kib: int) -> None:
@@ -194,16 +217,22 @@ def run(config: MountConfig, ready=None) -> int:
     return 0
 
 
+# Request tasks pyfuse3 keeps alive. With its default of 1, a task that finishes a
+# request ends whenever another one waits, and a new one is started for the next
+# request that finds none waiting: with requests waiting on worker threads that is
+# one task start and end per request, on the one trio thread.
+FUSE_TASKS = 48
+
+
 async def serve(registry: Registry, ready, read_ahead_kb: int = 0) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
-        if read_ahead_kb:
-            nursery.start_soon(_tune_read_ahead, registry, read_ahead_kb)
+        nursery.start_soon(_tune_connection, registry, read_ahead_kb)
         nursery.start_soon(_stop_on_signals, registry, nursery.cancel_scope)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
         log.info("serving %s with %d devices", registry.mountpoint, len(registry.devices))
-        await pyfuse3.main()
+        await pyfuse3.main(min_tasks=FUSE_TASKS)
         nursery.cancel_scope.cancel()
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import SnapfsError
 from .params import SECTOR
-from .workers import pread_nowait
+from .workers import HitRate, pread_nowait
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -38,6 +38,7 @@ class Source:
     def __init__(self, path: str, fd: int, size: int, st: os.stat_result, kind: str):
         self.path = path
         self.fd = fd
+        self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
         self.size = size
         self.st = st
         self.kind = kind

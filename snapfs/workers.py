@@ -2,7 +2,8 @@
 destroy or a take wait for it.
 
 ``read`` first tries ``preadv(RWF_NOWAIT)`` inline: data in the page cache costs no
-thread hop; a miss (EAGAIN, or a short read) goes to a worker thread. Writes always
+thread hop; a miss (EAGAIN, or a short read) goes to a worker thread, and while a
+file's attempts mostly miss, its reads go to a thread at once (``HitRate``). Writes always
 go to a worker thread (buffered ``pwritev(RWF_NOWAIT)`` is EOPNOTSUPP on ext4 here,
 and a buffered write may wait in dirty-page throttling). ``THREADS`` long-lived
 threads take calls from one queue, so N requests in flight on a device become N
@@ -18,7 +19,7 @@ cannot be cancelled once queued, like to_thread's default.
 Everything here runs on the trio thread except the functions handed to ``run``.
 """
 
-import contextlib
+import collections
 import errno
 import os
 import queue
@@ -40,20 +41,45 @@ async def run(fn: Callable, *args):
 
 
 class Pool:
-    """THREADS long-lived threads fed by one queue; each result goes back to the
-    waiting task with one ``run_sync_soon`` (cheaper than ``trio.to_thread``)."""
+    """THREADS long-lived threads fed by one queue. Results come back in batches: a
+    worker appends its result to ``_done`` and wakes the trio thread with one
+    ``run_sync_soon`` only if no wake-up is already pending, so under load one wake-up
+    delivers many results. One trio run uses the pool at a time (the daemon's; tests
+    run one after another). 16 random readers of an uncached device: 20k reads/s with a
+    wake-up per result, 35k with batches, in a loop without FUSE)."""
 
     def __init__(self, size: int):
         self.size = size
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started = 0
+        self._done: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
 
     def _work(self) -> None:
         while True:
             fn, args, task, token = self.queue.get()
-            result = outcome.capture(fn, *args)
-            with contextlib.suppress(trio.RunFinishedError):   # the loop ended meanwhile
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            self._done.append((task, outcome.capture(fn, *args)))
+            with self._lock:
+                if self._wake_pending:
+                    continue
+                self._wake_pending = True
+            try:
+                token.run_sync_soon(self._deliver)
+            except trio.RunFinishedError:     # the loop ended meanwhile: nothing to wake
+                with self._lock:
+                    self._wake_pending = False
+
+    def _deliver(self) -> None:
+        """Trio thread: hand every finished result to its task. The flag is cleared
+        before the deque is emptied, so a result appended after that point either is
+        seen here or brings a wake-up of its own."""
+        with self._lock:
+            self._wake_pending = False
+        done = self._done
+        while done:
+            task, result = done.popleft()
+            trio.lowlevel.reschedule(task, result)
 
     async def run(self, fn: Callable, *args):
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -68,8 +94,13 @@ _pool = Pool(THREADS)
 
 
 def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
-    """``size`` bytes at ``offset`` if the page cache holds them all, else None."""
-    buf = bytearray(size)
+    """``size`` bytes at ``offset`` if the page cache holds them all, else None. Trio
+    thread only: it reads into one scratch buffer that stays allocated (a fresh 1 MiB
+    buffer costs an allocation and page faults on every call)."""
+    global _scratch
+    if len(_scratch) < size:
+        _scratch = memoryview(bytearray(size))
+    buf = _scratch[:size]
     try:
         n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except OSError as exc:
@@ -79,17 +110,75 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
     return bytes(buf) if n == size else None
 
 
+_scratch = memoryview(bytearray(0))
+
+
+class HitRate:
+    """How often the inline attempt (``pread_nowait``) on one file found its data in
+    the page cache, as a moving average. A miss is not free: RWF_NOWAIT starts the
+    disk read before it gives up (the kernel's read-ahead path), and that costs the trio
+    thread about 0.3 ms per MiB and 20-40 us per 4 KiB request. So while misses
+    dominate, reads go straight to a worker thread, which then pays for it, and only
+    every PROBE-th read tries inline, to notice when the data is cached again."""
+
+    PROBE = 16
+    __slots__ = ("rate", "skipped")
+
+    def __init__(self) -> None:
+        self.rate = 1.0
+        self.skipped = 0
+
+    def worth_trying(self) -> bool:
+        if self.rate >= 0.25:
+            return True
+        self.skipped += 1
+        if self.skipped < self.PROBE:
+            return False
+        self.skipped = 0
+        return True
+
+    def record(self, hit: bool) -> None:
+        self.rate += ((1.0 if hit else 0.0) - self.rate) / 8
+
+
 class Readable(Protocol):
+    cache: HitRate
+
     def pread_nowait(self, offset: int, size: int) -> bytes | None: ...
     def pread(self, offset: int, size: int) -> bytes: ...
 
 
-async def read(file: Readable, offset: int, size: int) -> bytes:
-    """``file.pread`` with the page-cache fast path (module docstring)."""
-    data = file.pread_nowait(offset, size)
-    if data is None:
-        data = await run(file.pread, offset, size)
-    return data
+async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> bytes:
+    """``file.pread`` with the page-cache fast path (module docstring, ``HitRate``).
+    ``bulk``: a snapshot-image read, which waits for one of BULK_THREADS slots before
+    it takes a thread (see ``bulk_slots``)."""
+    if file.cache.worth_trying():
+        data = file.pread_nowait(offset, size)
+        file.cache.record(data is not None)
+        if data is not None:
+            return data
+    if bulk:
+        async with bulk_slots():
+            return await run(file.pread, offset, size)
+    return await run(file.pread, offset, size)
+
+
+# Image reads that may wait on the disk at once. A backup copy of an image streams
+# large reads (the kernel's read-ahead keeps many in flight); unbounded, they fill the
+# thread pool and the disk queue, and the writes of the workload on the devices wait
+# behind them. Bounded, device I/O always finds a free thread.
+BULK_THREADS = 2
+_bulk = trio.lowlevel.RunVar("snapfs_bulk_slots")
+
+
+def bulk_slots() -> trio.CapacityLimiter:
+    """This run's limiter for image reads that need a thread."""
+    try:
+        return _bulk.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(BULK_THREADS)
+        _bulk.set(limiter)
+        return limiter
 
 
 class InFlight:

@@ -2,7 +2,8 @@
 
     .venv/bin/python tools/bench [--quick] [--rounds N] [--size SIZE] [--workdir DIR] [--json FILE]
 
-Two tables: page-cached files (below), then a real device (``realdev``).
+Three tables: page-cached files (below), a real device (``realdev``), backup under
+load (``underload``).
 
 Contenders (DESIGN.md section 8), each on its own copy of one random source file:
     snapfs  a snapfs mount (--chunk-minimum 64K, difference storage in the scratch dir);
@@ -24,6 +25,11 @@ random data; QEMU as a host_device node), page cache dropped before every job;
 16 jobs, a buffered 1 MiB sequential read and a ``cp`` of the device, a buffered read
 of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
 random reads with the source in the page cache.
+
+Backup under load (third table, ``underload``; --no-load skips it, and it is skipped
+when PostgreSQL 15 is not installed): pgbench on ext4 over a snapfs device over an
+uncached loop device; tps while ``cp`` copies a snapshot image against tps while it
+copies as much plain data from the same disk; --load-rounds rounds.
 
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
@@ -52,6 +58,7 @@ from .realdev import run_real_device
 from .report import REAL_ROWS, ROWS, Results, report
 from .scratch import make_sources, scratch_dir
 from .take import run_take_test
+from .underload import LOAD_ROWS, pg_available, run_under_load
 from .workloads import run_round, start_all
 
 EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
@@ -60,8 +67,9 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 # ----- configuration ----------------------------------------------------------------
 
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
-         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2}
-NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime")
+         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False}
+NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
+           "load_size", "load_rounds")
 
 
 def _size_arg(text: str) -> int:
@@ -90,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--real-rounds", type=int, help="rounds of the real-device table (default 3)")
     p.add_argument("--real-runtime", type=int, help="seconds per real-device job (default 8)")
     p.add_argument("--no-real", action="store_true", help="skip the real-device table")
+    p.add_argument("--no-load", action="store_true", help="skip the backup-under-load table")
+    p.add_argument("--load", action="store_true", help="with --quick: run the backup-under-load "
+                   "table too (--quick skips it)")
+    p.add_argument("--load-size", type=_size_arg, help="snapfs device under pgbench (default 2G)")
+    p.add_argument("--load-rounds", type=int, help="rounds of the backup-under-load table (default 3)")
     return p
 
 
@@ -97,15 +110,18 @@ def parse_args(argv: list[str] | None) -> Config:
     """Command line -> Config (quick defaults first, explicit options win)."""
     p = parser()
     a = p.parse_args(argv)
-    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json)
+    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, load=not a.no_load,
+                 workdir=a.workdir, json=a.json)
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
     for key in NUMBERS:
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
-    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size))
-    if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime) < 1 or not sizes_ok:
+    if a.load and a.quick:
+        cfg.load = True
+    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size, cfg.load_size))
+    if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds) < 1 or not sizes_ok:
         p.error("need rounds, takes and runtimes >= 1 and sizes that are multiples of 1 MiB")
     return cfg
 
@@ -122,6 +138,9 @@ def check_tools(cfg: Config) -> None:
                              "qemu-utils (or pass --no-qemu)")
         log("qemu-storage-daemon not installed: skipping QEMU")
         cfg.qemu = False
+    if cfg.load and not pg_available():
+        log("PostgreSQL 15 (postgresql-15) not installed: skipping the backup-under-load table")
+        cfg.load = False
 
 
 def _interrupt(signum, frame) -> None:
@@ -175,6 +194,8 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
             note_log_problems([c], res)
     if cfg.real:
         run_real(cfg, work, res)
+    if cfg.load:
+        guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
 
 
 def run_real(cfg: Config, work: Path, res: Results) -> None:

@@ -47,5 +47,8 @@ class Config:
     real_size: int = 2 * GiB     # its loop device
     real_rounds: int = 3
     real_runtime: int = 8        # seconds per time-based job there
+    load: bool = True            # the backup-under-load section (underload)
+    load_size: int = 2 * GiB     # its snapfs device (and the plain region)
+    load_rounds: int = 3
     workdir: str | None = None
     json: str | None = None

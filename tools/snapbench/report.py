@@ -167,6 +167,9 @@ def report(res: Results, cfg: Config, started: float) -> str:
     text = page_cached_table(table, res, cfg)
     if cfg.real:
         text += "\n\n" + real_device_table(real, res, cfg)
+    if cfg.load:
+        from .underload import load_table
+        text += "\n\n" + load_table(res, cfg)
     print(text, flush=True)
     for f in res.failures:
         print(f"FAILED: {f['workload']} on {f['contender']}: {f['error']}")
@@ -174,8 +177,9 @@ def report(res: Results, cfg: Config, started: float) -> str:
         print(f"note: {note}")
     if cfg.json:
         doc = {"config": asdict(cfg), "environment": environment(), "seconds": time.time() - started,
-               "rows": table, "real_rows": real, "failures": res.failures, "notes": res.notes,
-               "extra": res.extra}
+               "rows": table, "real_rows": real,
+               "load": {k: dict(v) for k, v in res.samples.items() if k.startswith("load_")},
+               "failures": res.failures, "notes": res.notes, "extra": res.extra}
         Path(cfg.json).write_text(json.dumps(doc, indent=2) + "\n")
     return text
 
