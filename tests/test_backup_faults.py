@@ -178,3 +178,50 @@ def test_damaged_index_breaks_its_point_only(mounter, tmp_path, storage_dir, gar
     gc = backup("gc", repo)
     assert gc.returncode == 3 and "nothing deleted" in gc.stderr
     assert restore_sha(repo, p1, "d0", tmp_path / "r1.img") == sha256_file(str(source))
+
+
+def test_sigterm_of_create_destroys_the_snapshot_and_leaves_no_point(mounter, tmp_path, storage_dir):
+    source = tmp_path / "big.img"
+    make_device(source, 64 * MiB, seed=25)
+    m = mounter({"d0": str(source)})
+    repo = init(tmp_path / "repo")
+    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
+                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(chunk_files(repo)) < 20:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert m.ok("snapshot_collect")["ids"] == [], "the snapshot must be destroyed"
+    assert ok("list", repo) == [] and not os.path.exists(os.path.join(repo, "lease.json"))
+    assert ok("verify", repo)["ok"]
+
+
+def test_full_repository_disk_fails_cleanly(mounter, tmp_path, storage_dir):
+    source = tmp_path / "d0.img"
+    make_device(source, 16 * MiB, seed=26)
+    m = mounter({"d0": str(source)})
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small)], check=True)
+    try:
+        repo = init(small / "repo")
+        done = backup("create", repo, "d0", "-m", m.path, "--storage", storage_dir, mount=m)
+        assert done.returncode == 1, done.stderr
+        assert "No space left on device" in done.stderr and "Traceback" not in done.stderr
+        assert m.ok("snapshot_collect")["ids"] == []
+        assert ok("list", repo) == []
+        assert ok("verify", repo)["ok"]
+        assert ok("gc", repo)["chunks_removed"] > 0, "gc removes the chunks of the failed run"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

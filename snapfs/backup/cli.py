@@ -5,6 +5,8 @@ Heavy modules (zstandard, blake3, pyfuse3) are imported inside the verbs, so
 """
 
 import argparse
+import errno
+import functools
 import json
 import os
 import signal
@@ -24,8 +26,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _damage_is_exit_3(func):
-    """Damaged (a chunk, index or manifest that fails its checks) exits 3."""
+def _exit_codes(func):
+    """Damaged (a chunk, index or manifest that fails its checks) exits 3; an OSError
+    (a full disk, a vanished file) becomes a one-line SnapfsError (exit 1)."""
+    @functools.wraps(func)
     def wrapper(args) -> int:
         from .repo import Damaged
         try:
@@ -33,6 +37,9 @@ def _damage_is_exit_3(func):
         except Damaged as exc:
             print(f"snapfs backup: DAMAGED: {exc.message}", file=sys.stderr)
             return output.DAMAGED
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise SnapfsError(exc.errno or errno.EIO, f"{exc.strerror or exc}{where}") from None
     return wrapper
 
 
@@ -42,6 +49,7 @@ def emit(args, data, text: str) -> None:
 
 # ----- verbs -------------------------------------------------------------------------
 
+@_exit_codes
 def cmd_init(args) -> int:
     from .repo import Repo
     repo = Repo.init(args.repo, args.chunk_size, args.zstd_level)
@@ -54,7 +62,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_create(args) -> int:
     from ..client import find_mount
     from .create import CreateOptions, create
@@ -86,6 +94,7 @@ def point_row(m: dict) -> list:
             f"{m['stats']['duration']:.1f}s", "/".join(sorted(modes)), m["consistency"]]
 
 
+@_exit_codes
 def cmd_list(args) -> int:
     from .repo import Repo
     points = Repo(args.repo).points()
@@ -99,7 +108,7 @@ def cmd_list(args) -> int:
     return output.OK
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_info(args) -> int:
     from .repo import Repo
     m = Repo(args.repo).resolve(args.point)
@@ -119,7 +128,7 @@ def cmd_info(args) -> int:
     return output.OK
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_restore(args) -> int:
     from .repo import Repo
     from .restore import restore
@@ -130,7 +139,7 @@ def cmd_restore(args) -> int:
     return output.OK
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_verify(args) -> int:
     from .repo import Repo
     from .verify import verify
@@ -148,7 +157,7 @@ def cmd_verify(args) -> int:
     return output.OK if report["ok"] else output.DAMAGED
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_prune(args) -> int:
     from .prune import prune
     from .repo import Repo
@@ -163,7 +172,7 @@ def cmd_prune(args) -> int:
     return output.OK
 
 
-@_damage_is_exit_3
+@_exit_codes
 def cmd_gc(args) -> int:
     from .prune import gc
     from .repo import Repo
@@ -174,6 +183,7 @@ def cmd_gc(args) -> int:
     return output.OK
 
 
+@_exit_codes
 def cmd_mount(args) -> int:
     import logging
 
