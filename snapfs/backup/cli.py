@@ -135,7 +135,8 @@ def cmd_restore(args) -> int:
     result = restore(Repo(args.repo), args.point, args.name, os.path.abspath(args.target), Output(args.json),
                      delta=args.delta, force=args.force, workers=args.workers)
     emit(args, result, f"restored {result['device']} of point {result['point']} to {result['target']}: "
-         f"wrote {human(result['bytes_written'])}, left {human(result['bytes_unchanged'])} as it was")
+         f"wrote {human(result['bytes_written'])}, skipped {human(result['bytes_unchanged'])} "
+         "(zero chunks left as holes, or already equal with --delta)")
     return output.OK
 
 
