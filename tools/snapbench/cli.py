@@ -25,6 +25,10 @@ random data; QEMU as a host_device node), page cache dropped before every job;
 of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
 random reads with the source in the page cache.
 
+Backup (third table, ``snapbench/backup.py``; --no-backup skips it, --backup-only runs
+only it): ``snapfs backup`` against ``borg create`` and ``dd`` on one uncached
+--backup-size device of mixed data: full, 1% incremental, restore, verify, repository size.
+
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
 the scratch directory removed on every path, Ctrl-C and SIGTERM included.
@@ -44,6 +48,7 @@ from pathlib import Path
 
 from snapfs.params import parse_size
 
+from .backup import run_backup_bench
 from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .memory import run_memory_test
@@ -60,8 +65,9 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 # ----- configuration ----------------------------------------------------------------
 
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
-         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2}
-NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime")
+         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "backup_size": 64 * MiB}
+NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
+           "backup_size")
 
 
 def _size_arg(text: str) -> int:
@@ -90,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--real-rounds", type=int, help="rounds of the real-device table (default 3)")
     p.add_argument("--real-runtime", type=int, help="seconds per real-device job (default 8)")
     p.add_argument("--no-real", action="store_true", help="skip the real-device table")
+    p.add_argument("--backup-size", type=_size_arg, help="device of the backup table (default 4G)")
+    p.add_argument("--no-backup", action="store_true", help="skip the backup table")
+    p.add_argument("--backup-only", action="store_true", help="run only the backup table")
     return p
 
 
@@ -97,14 +106,15 @@ def parse_args(argv: list[str] | None) -> Config:
     """Command line -> Config (quick defaults first, explicit options win)."""
     p = parser()
     a = p.parse_args(argv)
-    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json)
+    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
+                 backup=not a.no_backup or a.backup_only, backup_only=a.backup_only)
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
     for key in NUMBERS:
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
-    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size))
+    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size, cfg.backup_size))
     if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime) < 1 or not sizes_ok:
         p.error("need rounds, takes and runtimes >= 1 and sizes that are multiples of 1 MiB")
     return cfg
@@ -155,8 +165,17 @@ def start_contenders(cfg: Config, work: Path, stack: contextlib.ExitStack, res: 
 
 
 def run_all(cfg: Config, work: Path, res: Results) -> None:
-    """Page-cached rounds, take test, memory test, then the real device; every
-    contender stopped at the end of its part."""
+    """Page-cached rounds, take test, memory test, the real device, then the backup
+    section; every contender stopped at the end of its part."""
+    if not cfg.backup_only:
+        run_snapshot_sections(cfg, work, res)
+    if cfg.backup:
+        text, rows = run_backup_bench(cfg, work)
+        res.extra["backup"] = {"table": text, "rows": rows}
+
+
+def run_snapshot_sections(cfg: Config, work: Path, res: Results) -> None:
+    """The page-cached and real-device tables."""
     with contextlib.ExitStack() as stack:
         cs = start_contenders(cfg, work, stack, res)
         for rnd in range(cfg.rounds):

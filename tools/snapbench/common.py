@@ -47,5 +47,8 @@ class Config:
     real_size: int = 2 * GiB     # its loop device
     real_rounds: int = 3
     real_runtime: int = 8        # seconds per time-based job there
+    backup: bool = True          # the backup section (snapbench/backup.py)
+    backup_only: bool = False
+    backup_size: int = 4 * GiB   # its device
     workdir: str | None = None
     json: str | None = None
