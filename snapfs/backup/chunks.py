@@ -6,6 +6,7 @@ threads (blake3 and zstandard release the GIL, so threads hash and compress in
 parallel). zstd contexts are not thread-safe, so each thread gets its own.
 """
 
+import functools
 import threading
 
 import blake3
@@ -13,16 +14,20 @@ import zstandard
 
 from .repo import STORED, ZERO, ZSTD, Damaged, Repo, decode_chunk
 
-_ZEROS = bytes(64 << 20)                 # compared against, never written
-
 
 def digest_of(data) -> bytes:
     """The chunk name: BLAKE3-256 of ``data``."""
     return blake3.blake3(data).digest()
 
 
+@functools.lru_cache(maxsize=8)
+def _zeros(length: int) -> bytes:
+    """A zero buffer per length (the chunk size, a short last chunk): compared, never copied."""
+    return bytes(length)
+
+
 def is_zero(data) -> bool:
-    return data == _ZEROS[: len(data)] if len(data) != len(_ZEROS) else data == _ZEROS
+    return data == _zeros(len(data))
 
 
 class ChunkStore:
