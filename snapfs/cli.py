@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("changes_number", type=int)
     cc.set_defaults(func=cmd_cbt_changes)
 
+    from .backup.cli import add_parser as add_backup_parser
+    add_backup_parser(sub, common)
+
     for name, verb in COMMANDS.items():
         if name == "status":
             continue                      # the table above

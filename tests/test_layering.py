@@ -1,6 +1,11 @@
 """The module map (docs/design.md) as a rule: a module of snapfs imports only modules
 listed before it, so dependencies point one way (core below adapter below lifecycle)
-and the core never imports the FUSE layer. Every module must be in the map."""
+and the core never imports the FUSE layer. Every module must be in the map.
+
+The backup package (snapfs/backup/) sits between ``fiemap`` and ``cli``: it talks to a
+mount only through ``client`` and may use the pure leaves (errors, params, cbt), never
+the daemon (registry, control, fs, mount, ...); inside it, modules import only those
+listed before them in BACKUP, and only ``mountfs`` knows pyfuse3."""
 
 import ast
 from pathlib import Path
@@ -13,8 +18,10 @@ LAYERS = [
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
     "fs", "mount",                                                  # the FUSE adapter, lifecycle
-    "client", "fiemap", "cli", "__main__",                         # the other side: the CLI
+    "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
+BACKUP = ["repo", "chunks", "output", "create", "restore", "verify", "prune", "mountfs", "cli"]
+BACKUP_MAY_USE = {"__version__", "errors", "params", "cbt", "client"}   # of snapfs's own modules
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 
@@ -37,12 +44,15 @@ def imported(path: Path) -> set[str]:
 
 def test_every_module_is_in_the_map():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    modules |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == set(LAYERS), (modules - set(LAYERS), set(LAYERS) - modules)
 
 
 def test_imports_point_down_the_map():
     wrong = []
     for name in LAYERS:
+        if name == "backup":
+            continue                         # test_backup_package_layers
         for dep in imported(PACKAGE / f"{name}.py"):
             if dep in LAYERS and LAYERS.index(dep) >= LAYERS.index(name):
                 wrong.append(f"{name} imports {dep}")
@@ -53,3 +63,41 @@ def test_the_core_knows_nothing_of_fuse():
     for name in CORE:
         text = (PACKAGE / f"{name}.py").read_text()
         assert "pyfuse3" not in imported(PACKAGE / f"{name}.py") and "import pyfuse3" not in text, name
+
+
+def backup_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(snapfs modules, snapfs.backup modules) a file of the backup package imports."""
+    top, own = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = {a.name for a in node.names}
+            if node.level == 1:
+                own |= {node.module.split(".")[0]} if node.module else names
+            elif node.level == 2:
+                top |= {node.module.split(".")[0]} if node.module else names
+            elif node.module and node.module.startswith("snapfs."):
+                top.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            top |= {a.name.split(".")[1] for a in node.names if a.name.startswith("snapfs.")}
+    return top, own
+
+
+def test_backup_package_layers():
+    files = {p.stem for p in (PACKAGE / "backup").glob("*.py")} - {"__init__"}
+    assert files == set(BACKUP), (files - set(BACKUP), set(BACKUP) - files)
+    wrong = []
+    for name in BACKUP:
+        path = PACKAGE / "backup" / f"{name}.py"
+        top, own = backup_imports(path)
+        wrong += [f"backup.{name} imports snapfs.{d}" for d in top - BACKUP_MAY_USE]
+        wrong += [f"backup.{name} imports backup.{d}" for d in own
+                  if d in BACKUP and BACKUP.index(d) >= BACKUP.index(name)]
+        if name != "mountfs" and "import pyfuse3" in path.read_text():
+            wrong.append(f"backup.{name} imports pyfuse3")
+    assert not wrong, wrong
+
+
+def test_only_the_cli_imports_backup():
+    users = [name for name in LAYERS if name not in ("backup", "cli")
+             and "backup" in imported(PACKAGE / f"{name}.py")]
+    assert not users, users

@@ -4,8 +4,11 @@
 Creates a disk image with ext4 in a scratch directory, mounts snapfs over it,
 loop-mounts the ext4 through devices/, writes files, takes a snapshot while a writer
 keeps going, copies the snapshot image with cp, checks the copy with e2fsck -fn and by
-comparing the files that existed at take time, destroys the snapshot and unmounts
-everything. Cleans up even when a step fails.
+comparing the files that existed at take time, destroys the snapshot. Then the same
+with `snapfs backup`: a full and an incremental backup into a repository, the list,
+a file copied out of the older point through the read-only backup mount, a restore
+that e2fsck accepts, verify and prune. Unmounts everything and cleans up even when a
+step fails.
 """
 
 import contextlib
@@ -48,12 +51,12 @@ def write_files(directory: str, prefix: str, count: int, seed: int) -> dict[str,
 class Workload(threading.Thread):
     """The 'database' that never stops: rewrites files while the backup runs."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, pause: float = 0.0):
         super().__init__(daemon=True)
-        self.directory, self.stop, self.writes = directory, threading.Event(), 0
+        self.directory, self.stop, self.writes, self.pause = directory, threading.Event(), 0, pause
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(self.pause):
             write_files(self.directory, f"live{self.writes % 8}_", 1, self.writes)
             self.writes += 1
 
@@ -103,6 +106,67 @@ def demo(scratch: str, cleanup: list) -> None:
     verify(backup, check, before, after, cleanup)
     sh(*SNAPFS, "snapshot_destroy", "-m", mnt, snap)
     say("snapshot destroyed: its storage is freed, tracking goes on")
+    backup_demo(scratch, mnt, fs, cleanup)
+
+
+def backup_demo(scratch: str, mnt: str, fs: str, cleanup: list) -> None:
+    """snapfs backup: full, then incremental, of the live filesystem; list; a file out of
+    the older point through the read-only backup mount; restore + e2fsck; verify; prune."""
+    import json
+    print("snapfs backup:", flush=True)
+    repo, bmnt, old, restored = (os.path.join(scratch, p) for p in ("repo", "bmnt", "old", "restored.img"))
+    for d in (bmnt, old):
+        os.mkdir(d)
+    backup = [*SNAPFS, "backup"]
+    sh(*backup, "init", repo)
+    workload = Workload(fs, pause=0.1)                       # a calmer writer this time
+    workload.start()
+    cleanup.append(lambda: (workload.stop.set(), workload.join()))
+    first = json.loads(sh(*backup, "create", "--json", "-m", mnt, "--storage", scratch, repo, "disk"))
+    d = first["devices"]["disk"]
+    say(f"backup create (full, {first['consistency']}, writer running): read {d['bytes_read'] // MiB} MiB, "
+        f"stored {d['bytes_new'] // MiB} MiB, {d['zero_chunks']} zero chunks not stored "
+        f"({first['stats']['duration']:.1f} s): {d['reason']}")
+    workload.stop.set()
+    workload.join()
+    old_files = {n: hashlib.md5(open(os.path.join(fs, n), "rb").read()).hexdigest()  # noqa: SIM115
+                 for n in sorted(os.listdir(fs)) if n.startswith("file")}
+    write_files(fs, "file", 3, seed=3)                        # rewrite three files
+    second = json.loads(sh(*backup, "create", "--json", "-m", mnt, "--storage", scratch, repo, "disk"))
+    d = second["devices"]["disk"]
+    say(f"backup create (incremental): read {d['bytes_read'] / MiB:.0f} MiB of {d['size'] // MiB} MiB "
+        f"(only the chunks CBT marked), stored {d['bytes_new'] / MiB:.1f} MiB "
+        f"({second['stats']['duration']:.1f} s)")
+    for line in sh(*backup, "list", repo).splitlines():
+        say(line)
+    older = first["point"]
+    proc = subprocess.Popen([*backup, "mount", repo, bmnt], stderr=subprocess.DEVNULL)
+    cleanup.append(lambda: (subprocess.run(["fusermount3", "-u", "-z", bmnt]), proc.wait(10)))
+    deadline = time.monotonic() + 15
+    while not os.path.exists(os.path.join(bmnt, older, "disk")):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("backup mount did not come up")
+        time.sleep(0.05)
+    loop = sh("losetup", "-r", "--find", "--show", os.path.join(bmnt, older, "disk"))
+    cleanup.append(lambda: sh("losetup", "-d", loop))
+    sh("mount", "-o", "ro", loop, old)
+    cleanup.append(lambda: sh("umount", old))
+    shutil.copy(os.path.join(old, "file0"), os.path.join(scratch, "file0.old"))
+    got = hashlib.md5(open(os.path.join(scratch, "file0.old"), "rb").read()).hexdigest()  # noqa: SIM115
+    if got != old_files["file0"]:
+        raise RuntimeError("file0 from the backup mount differs from the file at the older point")
+    say(f"backup mount + losetup -r + mount -o ro: copied file0 as of point {older} (md5 matches; "
+        "it was rewritten since)")
+    for step in (cleanup.pop(), cleanup.pop(), cleanup.pop()):
+        step()
+    sh(*backup, "restore", repo, older, "disk", restored)
+    fsck = subprocess.run(["e2fsck", "-fn", restored], capture_output=True, text=True)
+    if fsck.returncode:
+        raise RuntimeError(f"e2fsck found problems in the restored image:\n{fsck.stdout}")
+    say(f"backup restore of point {older} to a sparse image ({os.stat(restored).st_blocks // 2048} MiB "
+        "allocated): e2fsck -fn clean")
+    say("backup verify: " + sh(*backup, "verify", repo).splitlines()[-1])
+    say("backup prune --keep-last 1: " + sh(*backup, "prune", repo, "--keep-last", "1").splitlines()[-1])
 
 
 def verify(backup: str, check: str, before: dict, after: dict, cleanup: list) -> None:

@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/bench [--quick] [--rounds N] [--size SIZE] [--workdir DIR] [--json FILE]
 
-Three tables: page-cached files (below), a real device (``realdev``), backup under
-load (``underload``).
+Four tables: page-cached files (below), a real device (``realdev``), backup under
+load (``underload``), ``snapfs backup`` (``backup``).
 
 Contenders (DESIGN.md section 8), each on its own copy of one random source file:
     snapfs  a snapfs mount (--chunk-minimum 64K, difference storage in the scratch dir);
@@ -29,7 +29,12 @@ random reads with the source in the page cache.
 Backup under load (third table, ``underload``; --no-load skips it, and it is skipped
 when PostgreSQL 15 is not installed): pgbench on ext4 over a snapfs device over an
 uncached loop device; tps while ``cp`` copies a snapshot image against tps while it
-copies as much plain data from the same disk; --load-rounds rounds.
+copies as much plain data from the same disk; --load-rounds rounds; --load-only runs
+only it.
+
+Backup (fourth table, ``snapbench/backup.py``; --no-backup skips it, --backup-only runs
+only it): ``snapfs backup`` against ``borg create`` and ``dd`` on one uncached
+--backup-size device of mixed data: full, 1% incremental, restore, verify, repository size.
 
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
@@ -50,6 +55,7 @@ from pathlib import Path
 
 from snapfs.params import parse_size
 
+from .backup import run_backup_bench
 from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .memory import run_memory_test
@@ -67,9 +73,10 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 # ----- configuration ----------------------------------------------------------------
 
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
-         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False}
+         "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False,
+         "backup_size": 64 * MiB}
 NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
-           "load_size", "load_rounds")
+           "load_size", "load_rounds", "backup_size")
 
 
 def _size_arg(text: str) -> int:
@@ -103,6 +110,10 @@ def parser() -> argparse.ArgumentParser:
                    "table too (--quick skips it)")
     p.add_argument("--load-size", type=_size_arg, help="snapfs device under pgbench (default 2G)")
     p.add_argument("--load-rounds", type=int, help="rounds of the backup-under-load table (default 3)")
+    p.add_argument("--backup-size", type=_size_arg, help="device of the backup table (default 4G)")
+    p.add_argument("--no-backup", action="store_true", help="skip the backup table")
+    p.add_argument("--backup-only", action="store_true", help="run only the backup table")
+    p.add_argument("--load-only", action="store_true", help="run only the backup-under-load table")
     return p
 
 
@@ -110,17 +121,19 @@ def parse_args(argv: list[str] | None) -> Config:
     """Command line -> Config (quick defaults first, explicit options win)."""
     p = parser()
     a = p.parse_args(argv)
-    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, load=not a.no_load,
-                 workdir=a.workdir, json=a.json)
+    only = "backup" if a.backup_only else "load" if a.load_only else None
+    cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
+                 load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only)
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
     for key in NUMBERS:
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
-    if a.load and a.quick:
+    if (a.load and a.quick) or a.load_only:
         cfg.load = True
-    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0 for n in (cfg.size, cfg.real_size, cfg.load_size))
+    sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0
+                   for n in (cfg.size, cfg.real_size, cfg.load_size, cfg.backup_size))
     if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds) < 1 or not sizes_ok:
         p.error("need rounds, takes and runtimes >= 1 and sizes that are multiples of 1 MiB")
     return cfg
@@ -174,8 +187,19 @@ def start_contenders(cfg: Config, work: Path, stack: contextlib.ExitStack, res: 
 
 
 def run_all(cfg: Config, work: Path, res: Results) -> None:
-    """Page-cached rounds, take test, memory test, then the real device; every
-    contender stopped at the end of its part."""
+    """Page-cached rounds, take test, memory test, the real device, backup under load,
+    then the backup section; every contender stopped at the end of its part."""
+    if cfg.only is None:
+        run_snapshot_sections(cfg, work, res)
+    if cfg.load and cfg.only in (None, "load"):
+        guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
+    if cfg.backup and cfg.only in (None, "backup"):
+        text, rows = run_backup_bench(cfg, work)
+        res.extra["backup"] = {"table": text, "rows": rows}
+
+
+def run_snapshot_sections(cfg: Config, work: Path, res: Results) -> None:
+    """The page-cached and real-device tables."""
     with contextlib.ExitStack() as stack:
         cs = start_contenders(cfg, work, stack, res)
         for rnd in range(cfg.rounds):
@@ -194,8 +218,6 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
             note_log_problems([c], res)
     if cfg.real:
         run_real(cfg, work, res)
-    if cfg.load:
-        guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
 
 
 def run_real(cfg: Config, work: Path, res: Results) -> None:

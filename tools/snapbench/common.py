@@ -50,5 +50,8 @@ class Config:
     load: bool = True            # the backup-under-load section (underload)
     load_size: int = 2 * GiB     # its snapfs device (and the plain region)
     load_rounds: int = 3
+    backup: bool = True          # the backup section (snapbench/backup.py)
+    backup_size: int = 4 * GiB   # its device
+    only: str | None = None      # run only this section: "load" or "backup"
     workdir: str | None = None
     json: str | None = None

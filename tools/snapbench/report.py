@@ -162,14 +162,17 @@ def real_device_table(table: list[dict], res: Results, cfg: Config) -> str:
 
 def report(res: Results, cfg: Config, started: float) -> str:
     """Print the tables (stdout), failures and notes; write --json. Returns the text."""
-    table = build_table(res, cfg)
-    real = build_table(res, cfg, REAL_ROWS) if cfg.real else []
-    text = page_cached_table(table, res, cfg)
-    if cfg.real:
-        text += "\n\n" + real_device_table(real, res, cfg)
-    if cfg.load:
+    table = build_table(res, cfg) if cfg.only is None else []
+    real = build_table(res, cfg, REAL_ROWS) if cfg.real and cfg.only is None else []
+    parts = [page_cached_table(table, res, cfg)] if cfg.only is None else []
+    if real:
+        parts.append(real_device_table(real, res, cfg))
+    if cfg.load and cfg.only in (None, "load"):
         from .underload import load_table
-        text += "\n\n" + load_table(res, cfg)
+        parts.append(load_table(res, cfg))
+    if "backup" in res.extra:
+        parts.append(res.extra["backup"]["table"])
+    text = "\n\n".join(parts)
     print(text, flush=True)
     for f in res.failures:
         print(f"FAILED: {f['workload']} on {f['contender']}: {f['error']}")

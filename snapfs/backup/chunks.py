@@ -1,0 +1,94 @@
+"""Chunk contents: the digest (BLAKE3-256 of the plaintext), the zero test, zstd
+compression, and ``ChunkStore``, which puts and gets verified chunks through a Repo.
+
+Thread-safe: create, restore, verify and the backup mount call it from worker
+threads (blake3 and zstandard release the GIL, so threads hash and compress in
+parallel). zstd contexts are not thread-safe, so each thread gets its own.
+"""
+
+import functools
+import threading
+
+import blake3
+import zstandard
+
+from .repo import STORED, ZERO, ZSTD, Damaged, Repo, decode_chunk
+
+
+def digest_of(data) -> bytes:
+    """The chunk name: BLAKE3-256 of ``data``."""
+    return blake3.blake3(data).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(length: int) -> bytes:
+    """A zero buffer per length (the chunk size, a short last chunk): compared, never copied."""
+    return bytes(length)
+
+
+def is_zero(data) -> bool:
+    return data == _zeros(len(data))
+
+
+class ChunkStore:
+    """Verified chunk I/O on one repository."""
+
+    def __init__(self, repo: Repo):
+        self.repo = repo
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._claimed: set[bytes] = set()     # digests stored (or being stored) by this process
+        self.dirs: set[str] = set()           # chunk directories to fsync before a manifest
+
+    def _zstd(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = (zstandard.ZstdCompressor(level=self.repo.zstd_level),
+                                     zstandard.ZstdDecompressor())
+        return ctx
+
+    def put(self, digest: bytes, data) -> int:
+        """Store ``data`` under ``digest`` unless the repository has it; the bytes
+        written (0 when it was there already)."""
+        with self._lock:
+            if digest in self._claimed:
+                return 0
+            self._claimed.add(digest)
+        if self.repo.has_chunk(digest):
+            return 0
+        payload = self._zstd()[0].compress(data)
+        compression = ZSTD
+        if len(payload) >= len(data):
+            payload, compression = bytes(data), STORED
+        directory = self.repo.write_chunk(digest, compression, len(data), payload)
+        with self._lock:
+            self.dirs.add(directory)
+        return len(payload) + 16
+
+    def sync(self) -> None:
+        """fsync the directories chunks were renamed into (before the manifest)."""
+        from .repo import fsync_dir
+        with self._lock:
+            dirs, self.dirs = self.dirs, set()
+        for directory in sorted(dirs):
+            fsync_dir(directory)
+
+    def get(self, digest: bytes, length: int | None = None) -> bytes:
+        """The plaintext of a chunk, checked: CRC of the stored bytes, decompression,
+        length, and the digest recomputed. Damaged(reason) otherwise."""
+        compression, plain_len, payload = decode_chunk(self.repo.read_chunk_file(digest))
+        if compression == ZSTD:
+            try:
+                data = self._zstd()[1].decompress(payload, max_output_size=plain_len)
+            except zstandard.ZstdError as exc:
+                raise Damaged(f"chunk does not decompress: {exc}") from None
+        else:
+            data = bytes(payload)
+        if len(data) != plain_len or (length is not None and plain_len != length):
+            raise Damaged(f"chunk holds {len(data)} bytes, expected {length or plain_len}")
+        if digest_of(data) != digest:
+            raise Damaged("chunk content does not match its digest")
+        return data
+
+    def zero_or_get(self, digest: bytes, length: int) -> bytes:
+        return bytes(length) if digest == ZERO else self.get(digest, length)

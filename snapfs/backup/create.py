@@ -1,0 +1,271 @@
+"""``backup create``: one snapfs snapshot of all the named devices (one point in
+time, filesystems frozen by default), then per device a full or CBT-incremental read
+into the repository, one index per device, and the manifest last.
+
+Per device (``plan``): when the device's newest point in the repository was taken at
+the same CBT generation (and size), only the chunks overlapping CBT blocks with
+``map[i] > parent changes_number`` are read and every other digest is copied from the
+parent's index; otherwise (first backup, a new generation after a crash or an offline
+change of the source, a resized or replaced device, ``--full``, a failed CBT audit)
+every chunk is read and hashed, and only chunks the repository lacks are stored. The
+reason is printed and kept in the manifest.
+
+The snapshot is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL leaves
+it alive; ``lease.json`` names it, and the next writer on the repository destroys it.
+"""
+
+import errno
+import os
+import random
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .. import __version__
+from ..cbt import changed_runs
+from ..client import command, quote, read_cbt, send
+from ..errors import SnapfsError
+from .chunks import ChunkStore, digest_of, is_zero
+from .output import Output
+from .repo import DIGEST_SIZE, ZERO, Repo, chunk_count
+
+STORAGE_SLACK = 64 << 20
+
+
+@dataclass
+class CreateOptions:
+    """storage: directory (or file) for the snapshot's difference storage, never inside
+    the mount; /var/tmp by default (disk-backed, an unnamed O_TMPFILE that vanishes with
+    the snapshot). storage_limit: bytes (default: the devices' total size, the most
+    copy-before-write can need). audit: chunks CBT calls unchanged to sample per device."""
+    storage: str = "/var/tmp"
+    storage_limit: int | None = None
+    freeze: bool = True
+    full: bool = False
+    audit: int = 0
+    workers: int = 4
+
+
+def changed_chunks(cbt_map: bytes, since: int, block_size: int, size: int, chunk_size: int) -> list[int]:
+    """Chunk indexes overlapping a CBT block with ``map[i] > since`` (any block and
+    chunk sizes: overlap, not alignment, decides)."""
+    found: set[int] = set()
+    for offset, length in changed_runs(cbt_map, since, block_size, size):
+        end = min(offset + length, size)
+        found.update(range(offset // chunk_size, chunk_count(end, chunk_size)))
+    return sorted(found)
+
+
+def plan(parent: dict | None, name: str, info: dict, cbt_map: bytes, chunk_size: int,
+         full: bool) -> tuple[str | None, list[int] | None]:
+    """(why a full read is needed, None) or (None, chunk indexes CBT says changed)."""
+    size = info["device_capacity"]
+    if parent is None:
+        return f"first backup of {name} in this repository", None
+    old = parent["devices"][name]
+    if full:
+        return "full read requested (--full)", None
+    if old["size"] != size:
+        return f"device size changed ({old['size']} -> {size} bytes): another device", None
+    if old["cbt"]["generation_id"] != info["generation_id"]:
+        return (f"CBT generation changed since point {parent['point']} (the snapfs daemon stopped "
+                "uncleanly, the source changed while unmounted, or the device was re-attached): "
+                "its change history is gone"), None
+    if old["cbt"]["changes_number"] >= info["changes_number"]:
+        return "CBT changes_number did not advance since the parent point", None
+    return None, changed_chunks(cbt_map, old["cbt"]["changes_number"], info["block_size"], size,
+                                chunk_size)
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise SnapfsError(errno.EIO, f"short read at offset {offset + len(data)}")
+        data += more
+    return data
+
+
+class DeviceReader:
+    """Reads chunks of one snapshot image in worker threads: hash, zero test, store."""
+
+    def __init__(self, image: str, size: int, store: ChunkStore, workers: int):
+        self.size, self.store, self.workers = size, store, workers
+        self.chunk_size = store.repo.chunk_size
+        try:
+            self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"opening {image}") from None
+        self.stats = dict(chunks_read=0, bytes_read=0, chunks_new=0, bytes_new=0, plain_new=0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def digest_at(self, index: int) -> tuple[bytes, int, int]:
+        """(digest or ZERO, bytes read, bytes stored) of chunk ``index``."""
+        offset = index * self.chunk_size
+        length = min(self.chunk_size, self.size - offset)
+        data = pread_full(self.fd, length, offset)
+        if is_zero(data):
+            return ZERO, length, 0
+        digest = digest_of(data)
+        return digest, length, self.store.put(digest, data)
+
+    def read_into(self, indexes: list[int], digests: bytearray, progress) -> None:
+        """Read ``indexes`` in parallel (a bounded window of tasks) into ``digests``."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="backup-read") as pool:
+            window: deque = deque()
+            try:
+                for index in indexes:
+                    window.append((index, pool.submit(self.digest_at, index)))
+                    if len(window) >= 2 * self.workers:
+                        self._collect(*window.popleft(), digests, progress)
+                while window:
+                    self._collect(*window.popleft(), digests, progress)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _collect(self, index: int, future, digests: bytearray, progress) -> None:
+        digest, length, stored = future.result()
+        digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        self.stats["chunks_read"] += 1
+        self.stats["bytes_read"] += length
+        if stored:
+            self.stats["chunks_new"] += 1
+            self.stats["bytes_new"] += stored
+            self.stats["plain_new"] += length
+        progress.update(length)
+
+    def audit(self, parent_digests: bytes, unchanged: list[int], samples: int) -> dict:
+        """Read a random sample of chunks CBT called unchanged; offsets whose digest
+        differs from the parent's are mismatches (the CBT missed a write)."""
+        picked = sorted(random.sample(unchanged, min(samples, len(unchanged))))
+        mismatches, read = [], 0
+        for index in picked:
+            offset = index * self.chunk_size
+            data = pread_full(self.fd, min(self.chunk_size, self.size - offset), offset)
+            read += len(data)
+            digest = ZERO if is_zero(data) else digest_of(data)
+            if digest != parent_digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]:
+                mismatches.append(offset)
+        self.stats["bytes_read"] += read
+        return {"sampled": len(picked), "bytes_read": read, "mismatches": mismatches}
+
+
+def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: str, info: dict,
+                  cbt_map: bytes, opts: CreateOptions, out: Output) -> dict:
+    """Back up one device of a taken snapshot; its manifest entry (index written)."""
+    size, chunk_size = info["device_capacity"], repo.chunk_size
+    count = chunk_count(size, chunk_size)
+    parent = repo.latest_with(name)
+    reason, changed = plan(parent, name, info, cbt_map, chunk_size, opts.full)
+    reader = DeviceReader(image, size, store, opts.workers)
+    audit = None
+    try:
+        if changed is not None:
+            digests = bytearray(repo.read_index(parent, name, digest_of))
+            if opts.audit:
+                changed_set = set(changed)
+                unchanged = [i for i in range(count) if i not in changed_set]
+                audit = reader.audit(bytes(digests), unchanged, opts.audit)
+                if audit["mismatches"]:
+                    reason = report_audit(out, name, parent["point"], audit)
+        if changed is None or reason:
+            out.say(f"{name}: full read: {reason}")
+            indexes, digests = list(range(count)), bytearray(count * DIGEST_SIZE)
+        else:
+            out.say(f"{name}: incremental from point {parent['point']}: {len(changed)} of {count} "
+                    f"chunks changed since CBT number {parent['devices'][name]['cbt']['changes_number']}")
+            indexes = changed
+        progress = out.progress(sum(min(chunk_size, size - i * chunk_size) for i in indexes), name)
+        try:
+            reader.read_into(indexes, digests, progress)
+        finally:
+            progress.close()
+    finally:
+        reader.close()
+    index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
+    zero = sum(1 for i in range(count) if digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == ZERO)
+    return {"size": size, "index": repo.index_rel(point, name), "index_digest": index_digest,
+            "chunks": count, "zero_chunks": zero,
+            "cbt": {k: info[k] for k in ("generation_id", "changes_number", "block_size")},
+            "mode": "incremental" if reason is None else "full", "reason": reason,
+            "parent": parent["point"] if parent else None, "audit": audit, **reader.stats}
+
+
+def report_audit(out: Output, name: str, parent: str, audit: dict) -> str:
+    """Say loudly that the CBT missed writes; the reason of the full read that follows."""
+    offsets = ", ".join(str(o) for o in audit["mismatches"][:8])
+    out.warn(f"CBT AUDIT FAILED: {name}: {len(audit['mismatches'])} of {audit['sampled']} sampled "
+             f"chunks that CBT reported unchanged since point {parent} differ from it (offsets "
+             f"{offsets}): something wrote to the source behind snapfs, or CBT is wrong. "
+             f"Reading all of {name}.")
+    return (f"CBT audit found {len(audit['mismatches'])} of {audit['sampled']} sampled unchanged "
+            "chunks changed")
+
+
+def release_leftover(repo: Repo, out: Output) -> None:
+    """Destroy the snapshot a killed create left (named by the lease), if it still lives."""
+    lease = repo.read_lease()
+    if lease is None:
+        return
+    if os.path.isdir(os.path.join(lease.get("mount", ""), "snapshots", lease.get("snapshot", "-"))):
+        reply = send(lease["mount"], f"snapshot_destroy {quote(lease['snapshot'])}")
+        if reply.get("ok"):
+            out.say(f"destroyed snapshot {lease['snapshot']} left by an interrupted backup")
+    repo.clear_lease()
+
+
+def create(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: Output) -> dict:
+    """Make one point of ``names`` (holding the writer lock); its manifest."""
+    if len(set(names)) != len(names):
+        raise SnapfsError(errno.EINVAL, "a device is named twice")
+    with repo.lock():
+        repo.clear_tmp()
+        release_leftover(repo, out)
+        sizes = [read_cbt(mount, name)[0]["device_capacity"] for name in names]
+        limit = opts.storage_limit or sum(sizes) + STORAGE_SLACK
+        snap = command(mount, f"snapshot_create {quote(os.path.abspath(opts.storage))} {limit} "
+                       + " ".join(quote(n) for n in names))["id"]
+        repo.write_lease({"mount": mount, "snapshot": snap, "pid": os.getpid()})
+        try:
+            return take_and_back_up(repo, names, mount, snap, opts, out)
+        finally:
+            reply = send(mount, f"snapshot_destroy {quote(snap)}")
+            if reply.get("ok") or reply.get("errno") == "ESRCH":
+                repo.clear_lease()
+            else:
+                out.warn(f"could not destroy snapshot {snap}: {reply.get('error')}; "
+                         "the next backup create on this repository retries")
+
+
+def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: CreateOptions,
+                     out: Output) -> dict:
+    started = time.time()
+    take = command(mount, f"snapshot_take {quote(snap)}" + ("" if opts.freeze else " nofreeze"))
+    frozen, not_frozen = take.get("frozen", []), take.get("not_frozen", [])
+    out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
+            + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
+    point = repo.new_point_id(started)
+    store = ChunkStore(repo)
+    devices = {}
+    for name in names:
+        info, cbt_map = read_cbt(mount, name)
+        image = os.path.join(mount, "snapshots", snap, name)
+        devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
+    store.sync()
+    totals = {k: sum(d[k] for d in devices.values())
+              for k in ("bytes_read", "bytes_new", "plain_new", "chunks_new")}
+    manifest = {
+        "format": 1, "point": point, "unix_time": started,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "tool_version": __version__, "mount": mount, "snapshot": snap,
+        "consistency": "frozen" if frozen and not not_frozen else "crash-consistent",
+        "frozen": frozen, "not_frozen": not_frozen, "chunk_size": repo.chunk_size,
+        "devices": devices, "stats": {**totals, "duration": round(time.time() - started, 3)},
+    }
+    repo.write_manifest(manifest)
+    return manifest

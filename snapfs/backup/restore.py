@@ -1,0 +1,126 @@
+"""``backup restore``: write one device of one point to a file or a block device.
+
+A new or emptied regular file is made sparse: its size is set first and all-zero
+chunks stay holes. A block device gets every chunk written (zeros too); it must be at
+least the device's size and is opened O_EXCL (not while mounted). ``delta`` keeps what
+TARGET already holds where it matches: each chunk of the target is hashed and only
+chunks whose digest differs are written.
+
+Every chunk read is checked (CRC of the stored bytes, decompression, length, digest);
+a damaged one stops the restore with ``Damaged`` naming point, device and offset. The
+target is then incomplete, and the message says so.
+"""
+
+import errno
+import os
+import stat
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import SnapfsError
+from .chunks import ChunkStore, digest_of, is_zero
+from .output import Output
+from .repo import DIGEST_SIZE, ZERO, Damaged, Repo, chunk_count
+
+
+def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool]:
+    """(fd, is_block_device) ready for ``size`` bytes."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        fd = os.open(target, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+        if os.lseek(fd, 0, os.SEEK_END) < size:
+            os.close(fd)
+            raise SnapfsError(errno.ENOSPC, f"{target} is smaller than the device ({size} bytes)")
+        return fd, True
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise SnapfsError(errno.EINVAL, f"{target} is neither a regular file nor a block device")
+    if st is not None and st.st_size and not (delta or force):
+        raise SnapfsError(errno.EEXIST, f"{target} exists; --delta updates it in place, "
+                          "--force overwrites it")
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if delta else os.O_TRUNC)
+    fd = os.open(target, flags, 0o600)
+    os.ftruncate(fd, size)
+    return fd, False
+
+
+class Restorer:
+    """Writes the chunks of one index to an open target in worker threads."""
+
+    def __init__(self, store: ChunkStore, fd: int, size: int, fresh_file: bool, delta: bool,
+                 where: str):
+        self.store, self.fd, self.size = store, fd, size
+        self.fresh_file, self.delta, self.where = fresh_file, delta, where
+        self.chunk_size = store.repo.chunk_size
+        self.written = self.skipped = 0
+
+    def one(self, index: int, digest: bytes) -> tuple[int, int]:
+        """(bytes written, bytes left as they were) for chunk ``index``."""
+        offset = index * self.chunk_size
+        length = min(self.chunk_size, self.size - offset)
+        if digest == ZERO and self.fresh_file:
+            return 0, length                                  # a hole
+        if self.delta:
+            current = os.pread(self.fd, length, offset)
+            now = ZERO if is_zero(current) else digest_of(current)
+            if now == digest and len(current) == length:
+                return 0, length
+        try:
+            data = self.store.zero_or_get(digest, length)
+        except Damaged as exc:
+            raise Damaged(f"{self.where}, offset {offset} (chunk {index}, {digest.hex()[:16]}): "
+                          f"{exc.message}; the restore target is incomplete") from None
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self.fd, view, offset + length - len(view)):]
+        return length, 0
+
+    def run(self, digests: bytes, workers: int, progress) -> None:
+        count = len(digests) // DIGEST_SIZE
+        with ThreadPoolExecutor(workers, thread_name_prefix="backup-restore") as pool:
+            window: deque = deque()
+            try:
+                for i in range(count):
+                    window.append(pool.submit(self.one, i, digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]))
+                    if len(window) >= 2 * workers:
+                        self._collect(window.popleft(), progress)
+                while window:
+                    self._collect(window.popleft(), progress)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _collect(self, future, progress) -> None:
+        written, skipped = future.result()
+        self.written += written
+        self.skipped += skipped
+        progress.update(written + skipped)
+
+
+def restore(repo: Repo, spec: str, name: str, target: str, out: Output, delta: bool = False,
+            force: bool = False, workers: int = 4) -> dict:
+    """Restore device NAME of point ``spec`` to ``target``; a summary."""
+    with repo.lock("readers.lock", shared=True):
+        manifest = repo.resolve(spec)
+        if name not in manifest["devices"]:
+            raise SnapfsError(errno.ENOENT, f"point {manifest['point']} has no device {name!r} "
+                              f"(it has {', '.join(sorted(manifest['devices']))})")
+        size = manifest["devices"][name]["size"]
+        digests = repo.read_index(manifest, name, digest_of)
+        assert len(digests) == chunk_count(size, repo.chunk_size) * DIGEST_SIZE
+        fd, is_bdev = open_target(target, size, delta, force)
+        try:
+            job = Restorer(ChunkStore(repo), fd, size, not is_bdev and not delta, delta,
+                           f"point {manifest['point']}, device {name}")
+            progress = out.progress(size, f"restore {name}")
+            try:
+                job.run(digests, workers, progress)
+            finally:
+                progress.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return {"point": manifest["point"], "device": name, "target": target, "size": size,
+            "bytes_written": job.written, "bytes_unchanged": job.skipped}
