@@ -124,7 +124,7 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops)
     try:
         for name, path in pairs:
-            source = Source.open(path)
+            source = Source.open(path, served_by=mountpoint)
             try:
                 registry.add_device(name, source)
             except BaseException:

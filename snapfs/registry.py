@@ -148,7 +148,7 @@ class Registry:
         check_name(name)
         if name in self.devices:
             raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
-        source = await trio.to_thread.run_sync(open_source, path, self.guard())
+        source = await trio.to_thread.run_sync(open_source, path, self.guard(), self.mountpoint)
         try:
             await self._check_under_storage(name, source)
             tracker = self.add_device(name, source)
@@ -373,9 +373,9 @@ class Registry:
         }
 
 
-def open_source(path: str, guard: Guard) -> Source:
+def open_source(path: str, guard: Guard, served_by: str = "") -> Source:
     """Blocking: refuse a source the data path would wait on itself through (stack.py),
-    then open it."""
+    then open it (claimed for the mount at ``served_by``, source.Claim)."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -386,4 +386,4 @@ def open_source(path: str, guard: Guard) -> Source:
     reason = guard.why_not(st, False)
     if reason:
         raise SnapfsError(errno.EINVAL, f"source {path} {reason}")
-    return Source.open(path)
+    return Source.open(path, served_by)
