@@ -32,6 +32,7 @@ import trio
 
 from . import control
 from .errors import SnapfsError
+from .namespace import View
 from .registry import Registry
 from .snapshot import Snapshot
 from .tracker import Tracker
@@ -121,13 +122,15 @@ class ContentHandle(Handle):
 
 
 class ControlHandle(Handle):
-    """One command per write; the reply waits here for the next read (offsets ignored)."""
+    """One command per write; the reply waits here for the next read (offsets ignored).
+    Paths in commands are resolved where the opener sees them (``view``: pyfuse3's
+    write has no request context, so the open's pid decides, as for the uid)."""
 
-    def __init__(self, registry: Registry):
-        self.registry, self.reply = registry, b""
+    def __init__(self, registry: Registry, view: View):
+        self.registry, self.view, self.reply = registry, view, b""
 
     async def write(self, offset, data):
-        code, self.reply = await control.handle(self.registry, data)
+        code, self.reply = await control.handle(self.registry, data, self.view)
         if code:
             raise pyfuse3.FUSEError(code)
         return len(data)
@@ -135,6 +138,9 @@ class ControlHandle(Handle):
     async def read(self, offset, size):
         data, self.reply = self.reply[:size], self.reply[size:]
         return data
+
+    def release(self):
+        self.view.close()
 
 
 class EventsHandle(Handle):
@@ -356,7 +362,7 @@ class ControlFile(Entry):
     async def open(self, ops, flags, ctx):
         if ctx.uid not in (0, ops.owner[0]):
             raise SnapfsError(errno.EACCES, "only root or the mount's owner may send commands")
-        return ControlHandle(ops.registry)
+        return ControlHandle(ops.registry, View.of_pid(ctx.pid))
 
 
 # ----- the inode table and Operations -------------------------------------------------
