@@ -8,13 +8,33 @@ connection; every container is a child process killed at the end of its test, so
 mount, loop device or namespace outlives a test.
 """
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from helpers import MiB, abort_fuse, bounded, is_mounted, make_device, requires_fuse, run, snapfs
+import pytest
+from helpers import (
+    MiB,
+    SnapMount,
+    abort_fuse,
+    bounded,
+    is_mounted,
+    make_device,
+    requires_fuse,
+    run,
+    snapfs,
+    snapfs_cli,
+    state_files,
+)
+
+from snapfs.client import read_status, send
 
 pytestmark = requires_fuse
 
@@ -157,3 +177,226 @@ def test_a_new_storage_file_and_a_source_named_in_a_container(mounter, tmp_path,
     m.ok("detach x")
     reply = control_in(m, "attach y /nonexistent.img")
     assert reply["errno"] == "ENOENT" and "mount namespace of pid" in reply["error"], reply
+
+
+# ----- (a) a rootless backup container reading images --------------------------------------------
+
+BACKUP_GID = 64123      # a group the backup uid is given; any number works
+
+
+@pytest.fixture
+def wide():
+    """Mounts under a directory every uid may traverse (pytest's tmp_path is root's
+    0700, and a rootless bwrap must reach what it binds). ``wide(sources)`` starts a
+    SnapMount; ``wide.base`` is the directory. Everything is unmounted and removed at
+    the end."""
+    base = Path(tempfile.mkdtemp(prefix="snapfs-ct-", dir="/tmp"))
+    base.chmod(0o755)
+    mounts: list[SnapMount] = []
+
+    def start(sources: dict, where: Path | None = None) -> SnapMount:
+        sub = where or base / f"m{len(mounts)}"
+        sub.mkdir(exist_ok=True)
+        m = SnapMount(sub, sources).start()
+        mounts.append(m)
+        return m
+
+    start.base = base
+    start.mounts = mounts
+    try:
+        yield start
+        for m in mounts:
+            if m.proc.poll() is None and is_mounted(m.path):
+                m.stop()
+    finally:
+        for m in mounts:
+            with contextlib.suppress(Exception):
+                m.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def as_nobody(*groups: int) -> tuple[str, ...]:
+    """setpriv to uid/gid 65534 (and ``groups``): bwrap then makes a rootless container."""
+    grant = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    return ("setpriv", "--reuid=65534", "--regid=65534", grant, "--")
+
+
+def test_a_rootless_backup_container_reads_images_byte_exact(wide):
+    """uid 65534 in a user namespace, the mount bound read-only: cp and dd iflag=direct
+    of an image give the take-time bytes. The source is 0640 root:BACKUP_GID, so the
+    image is too: the backup uid reads it through that group, and not without it."""
+    src = wide.base / "disk.img"
+    content = make_device(src, 8 * MiB, seed=3)
+    os.chown(src, 0, BACKUP_GID)
+    os.chmod(src, 0o640)
+    m = wide({"d0": str(src)})
+    store = wide.base / "store"
+    store.mkdir()
+    snap = m.snapshot(str(store), "16M", "d0")
+    with open(m.dev("d0"), "r+b") as f:                     # the workload writes after take
+        f.write(os.urandom(MiB))
+    out = wide.base / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    binds = ("--ro-bind", m.path, "/snap", "--bind", str(out), "/out")
+    image = f"/snap/snapshots/{snap}/d0"
+    script = (f"cp {image} /out/cp.img && dd if={image} of=/out/dd.img bs=1M iflag=direct "
+              "status=none && id -u")
+    assert container(m, script, *binds, prefix=as_nobody(BACKUP_GID)).strip() == "65534"
+    assert (out / "cp.img").read_bytes() == content
+    assert (out / "dd.img").read_bytes() == content
+    denied = container(m, f"cat {image} >/dev/null 2>&1 || echo denied; "
+                       "echo x 2>/dev/null >/snap/control || echo read-only", *binds, prefix=as_nobody())
+    assert denied.split() == ["denied", "read-only"], denied
+    m.ok(f"snapshot_destroy {snap}")
+
+
+# ----- (b) an agent container driving the control file ------------------------------------------
+
+AGENT = """set -e
+exec 3<>/snap/control
+echo "snapshot_create /store 64M d0" >&3
+id=$(head -n1 <&3 | sed -n 's/.*"id": "\\([^"]*\\)".*/\\1/p')
+exec 3>&-
+echo "snapshot_take $id" > /snap/control
+echo "$id"
+read go
+cp /snap/snapshots/$id/d0 /backup/d0.img
+dd if=/snap/snapshots/$id/d0 of=/backup/d0.dd bs=1M iflag=direct status=none
+echo "snapshot_destroy $id" > /snap/control
+echo done
+"""
+
+
+def test_an_agent_container_creates_takes_copies_and_destroys(mounter, tmp_path, device):
+    """A privileged agent (root, its own mount namespace) with the mount bound at
+    /snap and its own tmpfs at /store: the storage is its /store; the backup it copies
+    is the take-time content although the workload wrote meanwhile."""
+    m = mounter({"d0": device[0]})
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    cmd = [*BWRAP, "--bind", m.path, "/snap", "--tmpfs", "/store", "--bind", str(backup), "/backup",
+           "sh", "-c", AGENT]
+    agent = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        snap = bounded(agent.stdout.readline, 30, lambda: abort_fuse(m.path)).strip()
+        storage = m.ok("status")["snapshots"][snap]["storage"]
+        assert storage.startswith("tmpfile in /store (in the mount namespace of pid"), storage
+        with open(m.dev("d0"), "r+b") as f:                 # the workload writes after take
+            f.write(os.urandom(MiB))
+        agent.stdin.write("go\n")
+        agent.stdin.flush()
+        out = bounded(lambda: agent.communicate(timeout=60)[0], 60, lambda: abort_fuse(m.path))
+        assert agent.returncode == 0 and out.strip() == "done", out
+    finally:
+        agent.kill()
+        agent.wait()
+    assert (backup / "d0.img").read_bytes() == device[1]
+    assert (backup / "d0.dd").read_bytes() == device[1]
+    assert m.ok("snapshot_collect")["ids"] == []
+
+
+# ----- (c) snapfs itself in a privileged container ----------------------------------------------
+
+@contextlib.contextmanager
+def shared_dir(path: Path):
+    """``path`` made a shared mount (a bind onto itself), so mounts beneath it propagate
+    to and from the namespaces that copy it; unmounted (lazily, with all beneath) after."""
+    path.mkdir(exist_ok=True)
+    run("mount", "--bind", str(path), str(path))
+    try:
+        run("mount", "--make-shared", str(path))
+        yield path
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def wait_mounted(path: str, proc: subprocess.Popen, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not is_mounted(path):
+        assert proc.poll() is None, f"the container exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_snapfs_in_a_privileged_container_serves_the_host(wide):
+    """snapfs in its own mount and pid namespaces (unshare, as root: /dev/fuse and
+    CAP_SYS_ADMIN), mounted beneath a shared host directory: the host sees the mount,
+    reads an image byte-exact, sends path-free commands, and `snapfs umount` stops it
+    cleanly. A path command from the host is refused (the daemon cannot see the
+    host's pid: EXDEV); the same command sent inside the container works."""
+    src = wide.base / "disk.img"
+    content = make_device(src, 8 * MiB, seed=5)
+    store = wide.base / "store"
+    store.mkdir()
+    with shared_dir(wide.base / "shared") as shared:
+        mnt = str(shared / "mnt")
+        os.mkdir(mnt)
+        log, state = wide.base / "c.log", wide.base / "c-state"
+        cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "unchanged",
+               sys.executable, "-m", "snapfs", "mount", "--log-file", str(log), "--state-dir", str(state),
+               "-o", "allow_other", mnt, f"d0={src}"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        try:
+            wait_mounted(mnt, proc)
+            assert bounded(lambda: read_status(mnt), 15, lambda: abort_fuse(mnt))["pid"] == 1
+            line = f"snapshot_create {store} 16M d0"
+            reply = bounded(lambda: send(mnt, line), 15, lambda: abort_fuse(mnt))
+            assert reply["errno"] == "EXDEV" and "pid namespace" in reply["error"], reply
+            daemon = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+            inside = ["nsenter", "-t", daemon, "-m", "-p", *snapfs_cli(), "-m", mnt, *line.split()]
+            out = bounded(lambda: run(*inside), 30, lambda: abort_fuse(mnt))
+            snap = out.split("=", 1)[1]
+            assert bounded(lambda: send(mnt, f"snapshot_take {snap}"), 15, lambda: abort_fuse(mnt))["ok"]
+            with open(os.path.join(mnt, "devices", "d0"), "r+b") as f:
+                f.write(os.urandom(MiB))
+            with open(os.path.join(mnt, "snapshots", snap, "d0"), "rb") as f:
+                assert f.read() == content
+            result = bounded(lambda: snapfs("umount", mnt), 60, lambda: abort_fuse(mnt))
+            assert result.returncode == 0, result.stderr
+            assert bounded(proc.wait, 30, lambda: abort_fuse(mnt)) == 0
+            assert len(state_files(state)) == 1                  # CBT saved
+            assert "Traceback" not in log.read_text()
+        finally:
+            if proc.poll() is None:
+                abort_fuse(mnt)
+                proc.kill()
+                proc.wait()
+
+
+# ----- (d) surviving a daemon restart ----------------------------------------------------------
+
+def test_a_container_sees_the_mount_again_after_a_restart_or_a_crash(wide):
+    """A shared host directory bound into a container (bwrap binds are slaves of the
+    host): a clean restart, and a crash whose dead mount (ENOTCONN) the host clears,
+    both show the new mount inside without restarting the container."""
+    src = wide.base / "disk.img"
+    make_device(src, 4 * MiB, seed=6)
+    with shared_dir(wide.base / "shared") as shared:
+        cmd = [*BWRAP, "--bind", str(shared), "/data", "sh", "-c",
+               "while read x; do ls /data/mnt/devices 2>&1 | tr '\\n' ' '; echo; done"]
+        box = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def look() -> str:
+            box.stdin.write("\n")
+            box.stdin.flush()
+            return bounded(box.stdout.readline, 15, lambda: abort_fuse(str(shared / "mnt"))).strip()
+
+        try:
+            first = wide({"d0": str(src)}, shared)
+            assert look() == "d0"
+            result = bounded(lambda: snapfs("umount", first.path), 60, first.abort_connection)
+            assert result.returncode == 0, result.stderr         # the unmount reached the container
+            assert first.proc.wait(timeout=30) == 0              # a clean restart
+            assert "No such file" in look()
+            second = wide({"d0": str(src)}, shared)
+            assert look() == "d0"
+            second.proc.kill()                                   # a crash
+            second.proc.wait()
+            assert "not connected" in look()                     # ENOTCONN: the daemon is gone
+            run("fusermount3", "-u", "-z", second.path)          # the host clears the dead mount
+            wide({"d0": str(src)}, shared)
+            assert look() == "d0"
+        finally:
+            box.kill()
+            box.wait()
