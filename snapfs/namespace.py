@@ -16,6 +16,10 @@ is the handle's). The pid is the opening thread's id in the daemon's pid namespa
   (no second path walk), and the guards (stack.py) judge what was opened by its
   device and inode numbers, which mean the same in every namespace. A new storage
   file is created there (O_EXCL) and unlinked at once, as in the daemon's own view.
+  The guards' filesystem types (a storage on a pseudo filesystem or on a snapfs
+  mount is refused) come from mountinfo, so the opener's mount table is read too
+  (``fstypes``), from ``/proc/PID/mountinfo`` opened at open (it keeps that
+  namespace, whatever happens to the pid).
 - The opener cannot be seen (pid 0, or its /proc entry unreadable): every path is
   refused with EXDEV, saying why and what to do; commands without paths work.
 
@@ -30,6 +34,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import mountinfo
 from .errors import SnapfsError
 
 SYS_OPENAT2 = 437                # the same number on every architecture since 5.6
@@ -83,8 +88,9 @@ class View:
     ``root_fd`` is None in the daemon's own view; ``refusal`` says why paths cannot
     be resolved at all."""
 
-    def __init__(self, pid: int, root_fd: int | None = None, refusal: str = ""):
-        self.pid, self.root_fd, self.refusal = pid, root_fd, refusal
+    def __init__(self, pid: int, root_fd: int | None = None, refusal: str = "",
+                 mounts_fd: int | None = None):
+        self.pid, self.root_fd, self.refusal, self.mounts_fd = pid, root_fd, refusal, mounts_fd
 
     @classmethod
     def of_pid(cls, pid: int) -> "View":
@@ -105,16 +111,33 @@ class View:
         if same:
             os.close(fd)
             return cls(pid)
-        return cls(pid, fd)
+        try:
+            mounts_fd = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(fd)
+            return cls(pid, refusal=f"its mount table cannot be read ({exc.strerror})")
+        return cls(pid, fd, mounts_fd=mounts_fd)
 
     @property
     def foreign(self) -> bool:
         return self.root_fd is not None or bool(self.refusal)
 
     def close(self) -> None:
-        if self.root_fd is not None:
-            os.close(self.root_fd)
-            self.root_fd = None
+        for fd in (self.root_fd, self.mounts_fd):
+            if fd is not None:
+                os.close(fd)
+        self.root_fd = self.mounts_fd = None
+
+    def fstypes(self) -> dict[int, str]:
+        """Filesystem type by device number of the mounts in this view's namespace
+        ({} in the daemon's own view: the guards read that themselves). Blocking."""
+        if self.mounts_fd is None:
+            return {}
+        os.lseek(self.mounts_fd, 0, os.SEEK_SET)
+        data = b""
+        while chunk := os.read(self.mounts_fd, 1 << 16):
+            data += chunk
+        return {m.dev: m.fstype for m in mountinfo.parse(data)}
 
     def resolve(self, path: str, create_in: Callable[[os.stat_result], str | None] | None = None
                 ) -> Resolved:

@@ -228,6 +228,7 @@ class Registry:
         def open_storage() -> DiffStorage:
             def forbidden(st):
                 return guard.why_not(st, True)
+            guard.elsewhere = view.fstypes()
             target = view.resolve(storage, create_in=forbidden)
             try:
                 return DiffStorage.open(target.path, limit, self.params.diff_storage_minimum, forbidden,
@@ -389,6 +390,7 @@ def open_source(path: str, guard: Guard, served_by: str = "", view: View = SAME)
     """Blocking: find ``path`` where ``view`` sees it (namespace.py), refuse a source
     the data path would wait on itself through (stack.py), then open it (claimed for
     the mount at ``served_by``, source.Claim)."""
+    guard.elsewhere = view.fstypes()
     target = view.resolve(path)
     name = target.shown or path
     try:

@@ -156,6 +156,9 @@ def test_a_storage_path_named_in_a_container_is_the_containers(mounter, tmp_path
                       ("attach again /src/" + os.path.basename(device[0]), "already attached as d0")):
         reply = control_in(m, line, *binds)
         assert not reply["ok"] and why in reply["error"], (line, reply)
+    # a proc filesystem only the container has (its own pid namespace): not storage
+    reply = control_in(m, "snapshot_create /proc/1/mem 8M d0", "--unshare-pid")
+    assert reply.get("errno") == "EINVAL" and "on a proc filesystem" in reply["error"], reply
     assert m.ok("snapshot_collect")["ids"] == []
 
 
