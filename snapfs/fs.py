@@ -202,6 +202,7 @@ class Attrs:
     size: int = 0
     owner: tuple[int, int] | None = None     # None: the mount's owner
     cache: bool = False                      # device and image attrs may be cached 1 s
+    backup: bool = False                     # an image or CBT file: --image-group may read it
 
 
 class Entry:
@@ -293,7 +294,8 @@ class ImageFile(Entry):
 
     def attrs(self):
         t = self.snap.trackers[self.name]
-        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True)
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True,
+                     backup=True)
 
     async def open(self, ops, flags, ctx):
         image = self.snap.image(self.name)
@@ -320,7 +322,8 @@ class JsonFile(ReadOnlyFile):
     def attrs(self):
         if self.source is None:
             return Attrs(stat.S_IFREG | 0o400)
-        return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source))
+        return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source),
+                     backup=True)
 
     def handle(self, ops, flags):
         return ContentHandle((json.dumps(self.produce()) + "\n").encode())
@@ -334,7 +337,8 @@ class CbtMapFile(ReadOnlyFile):
 
     def attrs(self):
         t = self.tracker
-        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t))
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t),
+                     backup=True)
 
     def handle(self, ops, flags):
         return ContentHandle(bytes(self.tracker.cbt.read_map))
@@ -385,11 +389,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode):
+    def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode,
+                 image_group: int | None = None):
         super().__init__()
         self._invalidate = invalidate     # tests without a mount pass a recorder
         self.registry: Registry | None = None
         self.owner = (owner_uid, owner_gid)
+        self.image_group = image_group    # --image-group: images and CBT files readable by it
         self.waiters = Waiters()
         self._nodes: dict[int, Node] = {ROOT: Node(ROOT, RootDir(), ROOT, "")}
         self._by_key: dict[tuple, int] = {RootDir.key: ROOT}
@@ -450,6 +456,8 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.inode
         a.st_mode, a.st_size = spec.mode, spec.size
         a.st_uid, a.st_gid = spec.owner or self.owner
+        if spec.backup and self.image_group is not None:
+            a.st_gid, a.st_mode = self.image_group, a.st_mode | stat.S_IRGRP
         a.st_nlink = 2 if stat.S_ISDIR(spec.mode) else 1
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.ctime_ns
         a.st_blksize = 128 * 1024

@@ -40,6 +40,7 @@ class MountConfig:
     state_dir: str = ""
     allow_other: bool = False
     read_ahead_kb: int = 4096
+    image_group: int | None = None     # images and CBT files: this group, group-readable
 
 
 def parse_sources(specs: list[str]) -> list[tuple[str, str]]:
@@ -127,7 +128,7 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     for _, path in pairs:
         check_source(path)
     state = StateStore(config.state_dir, config.params)
-    ops = Operations(os.getuid(), os.getgid())
+    ops = Operations(os.getuid(), os.getgid(), image_group=config.image_group)
     registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops)
     try:
         for name, path in pairs:

@@ -9,6 +9,7 @@ mount, loop device or namespace outlives a test.
 """
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -197,10 +198,10 @@ def wide():
     base.chmod(0o755)
     mounts: list[SnapMount] = []
 
-    def start(sources: dict, where: Path | None = None) -> SnapMount:
+    def start(sources: dict, where: Path | None = None, options: list[str] | None = None) -> SnapMount:
         sub = where or base / f"m{len(mounts)}"
         sub.mkdir(exist_ok=True)
-        m = SnapMount(sub, sources).start()
+        m = SnapMount(sub, sources, options).start()
         mounts.append(m)
         return m
 
@@ -251,6 +252,33 @@ def test_a_rootless_backup_container_reads_images_byte_exact(wide):
     denied = container(m, f"cat {image} >/dev/null 2>&1 || echo denied; "
                        "echo x 2>/dev/null >/snap/control || echo read-only", *binds, prefix=as_nobody())
     assert denied.split() == ["denied", "read-only"], denied
+    m.ok(f"snapshot_destroy {snap}")
+
+
+def test_image_group_grants_a_backup_uid_images_and_cbt_of_a_private_source(wide):
+    """--image-group: a 0600 root:root source stays private as a device, but its
+    images and CBT files are readable by the group, so a rootless backup in that group
+    reads the image byte-exact and the CBT map, without touching the source."""
+    src = wide.base / "private.img"
+    content = make_device(src, 4 * MiB, seed=4)
+    os.chmod(src, 0o600)
+    m = wide({"d0": str(src)}, options=["--chunk-minimum", "64K", "--diff-storage-minimum", "8M",
+                                        "--image-group", str(BACKUP_GID)])
+    store = wide.base / "store"
+    store.mkdir()
+    snap = m.snapshot(str(store), "16M", "d0")
+    st = os.stat(m.image(snap, "d0"))
+    assert (st.st_gid, st.st_mode & 0o777) == (BACKUP_GID, 0o640), st
+    image = f"/snap/snapshots/{snap}/d0"
+    script = (f"cat {image} > /out/img; cat /snap/cbt/d0/map > /dev/null && echo map; "
+              "cat /snap/devices/d0 > /dev/null 2>&1 || echo device-denied")
+    out = wide.base / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    binds = ("--ro-bind", m.path, "/snap", "--bind", str(out), "/out")
+    said = container(m, script, *binds, prefix=as_nobody(BACKUP_GID))
+    assert said.split() == ["map", "device-denied"], said
+    assert (out / "img").read_bytes() == content
     m.ok(f"snapshot_destroy {snap}")
 
 
@@ -403,3 +431,26 @@ def test_a_container_sees_the_mount_again_after_a_restart_or_a_crash(wide):
         finally:
             box.kill()
             box.wait()
+
+
+# ----- namespace.View itself: thread ids and pid 0 ---------------------------------------------
+
+def test_a_view_from_a_thread_id_or_pid_0():
+    """FUSE reports the opening thread's id (not always a process id), or 0 for a
+    thread the daemon's pid namespace cannot see: a thread of this process is in the
+    daemon's own view; pid 0 refuses paths with EXDEV and says what to do."""
+    import threading
+
+    from snapfs.errors import SnapfsError
+    from snapfs.namespace import View
+
+    found = []
+    thread = threading.Thread(target=lambda: found.append(View.of_pid(threading.get_native_id())))
+    thread.start()
+    thread.join()
+    assert found[0].pid != os.getpid() and not found[0].foreign
+    assert found[0].resolve("/etc").path == "/etc"
+    blind = View.of_pid(0)
+    with pytest.raises(SnapfsError) as info:
+        blind.resolve("/etc")
+    assert info.value.errno == errno.EXDEV and "nsenter" in info.value.message
