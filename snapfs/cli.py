@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 
-from . import __version__
+from . import __version__, mountinfo
 from .client import (
     batched_lines,
     command,
     find_mount,
+    mount_holders,
     quote,
     read_cbt,
     read_status,
@@ -98,16 +99,20 @@ def cmd_umount(args) -> int:
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
     status = read_status(mountpoint)
     sources = [(d["path"], d["kind"]) for d in status["devices"].values()]
+    dev = mountinfo.at(mountpoint).dev
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
                           f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
     held = wait_released(sources, args.timeout)
     if held:
+        holders = mount_holders(dev)
+        where = (f"held by {'; '.join(holders)}" if holders else
+                 "not one this process can see: a container's bind?")
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is unmounted here, but its daemon still holds "
                           f"{held} after {args.timeout:g} s: the mount lives on in another mount "
-                          "namespace (a container's bind?) or the daemon is stuck; its CBT is saved "
-                          "when it stops")
+                          f"namespace ({where}), or the daemon is stuck; its CBT is saved when it "
+                          "stops (or use 'snapfs umount' where it is still mounted)")
     return 0
 
 
