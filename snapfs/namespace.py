@@ -71,7 +71,6 @@ class Resolved:
     path: str
     shown: str = ""
     fds: list[int] = field(default_factory=list)
-    created: bool = False         # a new file, created and unlinked here
 
     def close(self) -> None:
         for fd in self.fds:
@@ -133,10 +132,14 @@ class View:
         ({} in the daemon's own view: the guards read that themselves). Blocking."""
         if self.mounts_fd is None:
             return {}
-        os.lseek(self.mounts_fd, 0, os.SEEK_SET)
         data = b""
-        while chunk := os.read(self.mounts_fd, 1 << 16):
-            data += chunk
+        try:
+            os.lseek(self.mounts_fd, 0, os.SEEK_SET)
+            while chunk := os.read(self.mounts_fd, 1 << 16):
+                data += chunk
+        except OSError as exc:
+            raise SnapfsError(errno.EXDEV, f"the mount table of pid {self.pid} cannot be read "
+                              f"({exc.strerror}): paths it names cannot be checked") from None
         return {m.dev: m.fstype for m in mountinfo.parse(data)}
 
     def resolve(self, path: str, create_in: Callable[[os.stat_result], str | None] | None = None
@@ -187,7 +190,7 @@ class View:
             raise SnapfsError.from_oserror(exc, shown) from None
         finally:
             os.close(dirfd)
-        return Resolved(f"/proc/self/fd/{fd}", f"{shown} (unlinked)", [fd], created=True)
+        return Resolved(f"/proc/self/fd/{fd}", f"{shown} (unlinked)", [fd])
 
 
 SAME = View(0)      # the daemon's own view: in-process callers and tests

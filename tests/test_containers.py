@@ -179,6 +179,16 @@ def test_a_new_storage_file_and_a_source_named_in_a_container(mounter, tmp_path,
     with open(m.dev("x"), "rb") as f:
         assert f.read() == content
     m.ok("detach x")
+    loop = run("losetup", "--find", "--show", str(other))       # a block device, by its node there
+    try:
+        reply = control_in(m, "attach b /dev/xdisk", "--dev-bind", loop, "/dev/xdisk")
+        assert reply["ok"], reply
+        assert m.ok("status")["devices"]["b"]["kind"] == "bdev"
+        with open(m.dev("b"), "rb") as f:
+            assert f.read() == content
+        m.ok("detach b")
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
     reply = control_in(m, "attach y /nonexistent.img")
     assert reply["errno"] == "ENOENT" and "mount namespace of pid" in reply["error"], reply
 
