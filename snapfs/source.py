@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from .errors import SnapfsError
@@ -204,6 +205,7 @@ class Claim:
             return None
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _remove_stale(os.path.dirname(path))
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
@@ -241,6 +243,28 @@ class Claim:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self.fd)
+
+
+STALE_AFTER = 60.0   # seconds: a claim this old that nobody locks is a crashed daemon's
+
+
+def _remove_stale(base: str) -> None:
+    """Remove the claims of crashed daemons: unlocked and written STALE_AFTER ago (a
+    new claim is locked microseconds after it is created)."""
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime > STALE_AFTER:
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -74,6 +74,22 @@ def test_a_second_mount_of_a_served_block_device_names_the_serving_mount(mounter
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
+def test_a_crashed_daemons_claim_is_not_believed(mounter, tmp_path, device):
+    """After a crash the claim file stays, but nobody holds its lock: a source locked
+    by something else is then not said to be served by the dead mount."""
+    import fcntl
+    m = mounter({"d0": device[0]})
+    m.kill()                                            # SIGKILL, then the dead mount cleared
+    fd = os.open(device[0], os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a snapshot's storage holds it
+        result = second_mount(tmp_path, device[0])
+        assert result.returncode == 1 and "no snapfs mount claims it" in result.stderr, result.stderr
+        assert m.path not in result.stderr
+    finally:
+        os.close(fd)
+
+
 def test_a_busy_source_no_snapfs_claims_says_so(mounter, tmp_path):
     """A block device mounted by something else: still EBUSY, and no mount named."""
     backing = tmp_path / "bdev.img"
