@@ -376,49 +376,101 @@ def wait_mounted(path: str, proc: subprocess.Popen, seconds: float = 15) -> None
         time.sleep(0.05)
 
 
-def test_snapfs_in_a_privileged_container_serves_the_host(wide):
+@contextlib.contextmanager
+def snapfs_in_a_container(wide, src: Path):
     """snapfs in its own mount and pid namespaces (unshare, as root: /dev/fuse and
-    CAP_SYS_ADMIN), mounted beneath a shared host directory: the host sees the mount,
-    reads an image byte-exact, sends path-free commands, and `snapfs umount` stops it
-    cleanly. A path command from the host is refused (the daemon cannot see the
-    host's pid: EXDEV); the same command sent inside the container works."""
-    src = wide.base / "disk.img"
-    content = make_device(src, 8 * MiB, seed=5)
-    store = wide.base / "store"
-    store.mkdir()
+    CAP_SYS_ADMIN), mounted beneath a shared host directory. Yields (mountpoint, the
+    daemon's host pid, the container process); the test stops it with `snapfs
+    umount`, or it is aborted and killed."""
     with shared_dir(wide.base / "shared") as shared:
         mnt = str(shared / "mnt")
         os.mkdir(mnt)
-        log, state = wide.base / "c.log", wide.base / "c-state"
         cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "unchanged",
-               sys.executable, "-m", "snapfs", "mount", "--log-file", str(log), "--state-dir", str(state),
-               "-o", "allow_other", mnt, f"d0={src}"]
+               sys.executable, "-m", "snapfs", "mount", "--log-file", str(wide.base / "c.log"),
+               "--state-dir", str(wide.base / "c-state"), "-o", "allow_other", mnt, f"d0={src}"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         try:
             wait_mounted(mnt, proc)
-            assert bounded(lambda: read_status(mnt), 15, lambda: abort_fuse(mnt))["pid"] == 1
-            line = f"snapshot_create {store} 16M d0"
-            reply = bounded(lambda: send(mnt, line), 15, lambda: abort_fuse(mnt))
-            assert reply["errno"] == "EXDEV" and "pid namespace" in reply["error"], reply
             daemon = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-            inside = ["nsenter", "-t", daemon, "-m", "-p", *snapfs_cli(), "-m", mnt, *line.split()]
-            out = bounded(lambda: run(*inside), 30, lambda: abort_fuse(mnt))
-            snap = out.split("=", 1)[1]
-            assert bounded(lambda: send(mnt, f"snapshot_take {snap}"), 15, lambda: abort_fuse(mnt))["ok"]
-            with open(os.path.join(mnt, "devices", "d0"), "r+b") as f:
-                f.write(os.urandom(MiB))
-            with open(os.path.join(mnt, "snapshots", snap, "d0"), "rb") as f:
-                assert f.read() == content
-            result = bounded(lambda: snapfs("umount", mnt), 60, lambda: abort_fuse(mnt))
-            assert result.returncode == 0, result.stderr
-            assert bounded(proc.wait, 30, lambda: abort_fuse(mnt)) == 0
-            assert len(state_files(state)) == 1                  # CBT saved
-            assert "Traceback" not in log.read_text()
+            yield mnt, daemon, proc
         finally:
             if proc.poll() is None:
                 abort_fuse(mnt)
                 proc.kill()
                 proc.wait()
+
+
+def create_inside(mnt: str, daemon: str, line: str) -> str:
+    """snapshot_create sent from inside the daemon's namespaces (nsenter); its id."""
+    inside = ["nsenter", "-t", daemon, "-m", "-p", *snapfs_cli(), "-m", mnt, *line.split()]
+    return bounded(lambda: run(*inside), 30, lambda: abort_fuse(mnt)).split("=", 1)[1]
+
+
+def stop_from_the_host(wide, mnt: str, proc: subprocess.Popen) -> None:
+    """`snapfs umount` from the host (retried while busy: loop devices detach
+    asynchronously); the daemon exits 0 having saved CBT."""
+    deadline = time.monotonic() + 10
+    while True:
+        result = bounded(lambda: snapfs("umount", mnt), 60, lambda: abort_fuse(mnt))
+        if result.returncode == 0 or "busy" not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert result.returncode == 0, result.stderr
+    assert bounded(proc.wait, 30, lambda: abort_fuse(mnt)) == 0
+    assert len(state_files(wide.base / "c-state")) == 1          # CBT saved
+    assert "Traceback" not in (wide.base / "c.log").read_text()
+
+
+def test_snapfs_in_a_privileged_container_serves_the_host(wide):
+    """The host sees the container's mount, reads an image byte-exact, sends
+    path-free commands, and `snapfs umount` stops it cleanly. A path command from the
+    host is refused (the daemon cannot see the host's pid: EXDEV); the same command
+    sent inside the container works."""
+    src = wide.base / "disk.img"
+    content = make_device(src, 8 * MiB, seed=5)
+    store = wide.base / "store"
+    store.mkdir()
+    with snapfs_in_a_container(wide, src) as (mnt, daemon, proc):
+        assert bounded(lambda: read_status(mnt), 15, lambda: abort_fuse(mnt))["pid"] == 1
+        line = f"snapshot_create {store} 16M d0"
+        reply = bounded(lambda: send(mnt, line), 15, lambda: abort_fuse(mnt))
+        assert reply["errno"] == "EXDEV" and "pid namespace" in reply["error"], reply
+        snap = create_inside(mnt, daemon, line)
+        assert bounded(lambda: send(mnt, f"snapshot_take {snap}"), 15, lambda: abort_fuse(mnt))["ok"]
+        with open(os.path.join(mnt, "devices", "d0"), "r+b") as f:
+            f.write(os.urandom(MiB))
+        with open(os.path.join(mnt, "snapshots", snap, "d0"), "rb") as f:
+            assert f.read() == content
+        stop_from_the_host(wide, mnt, proc)
+
+
+def test_freeze_from_a_container_reaches_only_its_own_mounts(wide):
+    """ext4 on a loop device over the container's device file, mounted on the host
+    after the container started: the daemon cannot see that mount, so take lists the
+    loop device in not_frozen instead of freezing it."""
+    src = wide.base / "fs.img"
+    with open(src, "wb") as f:
+        f.truncate(32 * MiB)
+    store = wide.base / "store"
+    store.mkdir()
+    with snapfs_in_a_container(wide, src) as (mnt, daemon, proc):
+        loop = run("losetup", "--find", "--show", os.path.join(mnt, "devices", "d0"))
+        fs = wide.base / "fs"
+        fs.mkdir()
+        try:
+            run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop)
+            run("mount", loop, str(fs))
+            snap = create_inside(mnt, daemon, f"snapshot_create {store} 16M d0")
+            reply = bounded(lambda: send(mnt, f"snapshot_take {snap}"), 30, lambda: abort_fuse(mnt))
+            assert reply["frozen"] == [] and reply["not_frozen"] == [os.path.basename(loop)], reply
+            send(mnt, f"snapshot_destroy {snap}")
+        finally:
+            subprocess.run(["umount", "-l", str(fs)], capture_output=True, timeout=30)
+            for _ in range(50):
+                if subprocess.run(["losetup", "-d", loop], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+        stop_from_the_host(wide, mnt, proc)
 
 
 # ----- (d) surviving a daemon restart ----------------------------------------------------------
