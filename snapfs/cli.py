@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 
-from . import __version__
+from . import __version__, mountinfo
 from .client import (
     batched_lines,
     command,
     find_mount,
+    mount_holders,
     quote,
     read_cbt,
     read_status,
@@ -82,7 +83,7 @@ def cmd_mount(args) -> int:
     params = Params(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Params)}).validate()
     config = mount.MountConfig(args.mountpoint, args.sources, params,
                                args.state_dir or default_state_dir(), args.allow_other,
-                               args.read_ahead_kb)
+                               args.read_ahead_kb, args.image_group)
     if args.daemon:
         return mount.run_daemon(config, args.log_level, args.log_file)
     mount.setup_logging(args.log_level, args.log_file)
@@ -98,16 +99,20 @@ def cmd_umount(args) -> int:
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
     status = read_status(mountpoint)
     sources = [(d["path"], d["kind"]) for d in status["devices"].values()]
+    dev = mountinfo.at(mountpoint).dev
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
                           f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
     held = wait_released(sources, args.timeout)
     if held:
+        holders = mount_holders(dev)
+        where = (f"held by {'; '.join(holders)}" if holders else
+                 "not one this process can see: a container's bind?")
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is unmounted here, but its daemon still holds "
                           f"{held} after {args.timeout:g} s: the mount lives on in another mount "
-                          "namespace (a container's bind?) or the daemon is stuck; its CBT is saved "
-                          "when it stops")
+                          f"namespace ({where}), or the daemon is stuck; its CBT is saved when it "
+                          "stops (or use 'snapfs umount' where it is still mounted)")
     return 0
 
 
@@ -305,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
     m.add_argument("--read-ahead-kb", type=int, default=4096,
                    help="kernel read-ahead on the mount's files (default 4096)")
+    m.add_argument("--image-group", type=_group, metavar="GROUP",
+                   help="snapshot images and CBT files belong to this group (name or number) "
+                   "and are readable by it: grants a backup uid without changing the sources")
     m.add_argument("-o", dest="fuse_options", action="append", default=[],
                    help="FUSE option; only allow_other is accepted")
     m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
@@ -347,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
                        command=name, dests=dests)
     return p
+
+
+def _group(text: str) -> int:
+    """A group name or number -> its gid."""
+    if text.isdigit():
+        return int(text)
+    import grp
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
 
 
 def _size(text: str) -> int:

@@ -140,6 +140,33 @@ def batched_lines(head: str, words: list[str]) -> list[str]:
     return [*lines, line]
 
 
+def mount_holders(dev: int, limit: int = 3) -> list[str]:
+    """Who still has a mount of device ``dev`` (a FUSE connection) in its mount
+    namespace: ``pid N (COMM) at PATH``, one per namespace, at most ``limit``. Only
+    processes visible and readable here (root: every one in this pid namespace)."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for name in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/ns/mnt")
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with open(f"/proc/{name}/mountinfo", "rb") as f:
+                where = [m.mountpoint for m in mountinfo.parse(f.read()) if m.dev == dev]
+            with open(f"/proc/{name}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if where:
+            found.append(f"pid {name} ({comm}) at {where[0]}")
+            if len(found) == limit:
+                break
+    return found
+
+
 def source_released(path: str, kind: str) -> bool:
     """True when no daemon holds ``path``: a file's flock can be had, a block device
     opens O_EXCL (snapfs holds both for as long as it serves the source)."""

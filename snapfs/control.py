@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SnapfsError
+from .namespace import SAME, View
 from .params import SECTOR, parse_number, parse_size
 from .registry import Registry
 
@@ -32,19 +33,22 @@ MAX_TIMEOUT_MS = 60_000
 @dataclass(frozen=True)
 class Command:
     """One verb: its usage, a one-line help, its argument count range, and the coroutine
-    that runs it (registry, *words) -> reply fields."""
+    that runs it (registry, *words) -> reply fields; with ``paths``, it names paths and
+    also gets ``view=`` (where the sender sees them, namespace.py)."""
 
     usage: str
     help: str
     low: int
     high: int
     run: Callable[..., Awaitable[dict]]
+    paths: bool = False
 
 
-async def handle(registry: Registry, data: bytes) -> tuple[int, bytes]:
-    """One write to the control file -> (errno, or 0 on success; the JSON reply line)."""
+async def handle(registry: Registry, data: bytes, view: View = SAME) -> tuple[int, bytes]:
+    """One write to the control file -> (errno, or 0 on success; the JSON reply line).
+    ``view``: where the handle's opener sees paths (namespace.py)."""
     try:
-        reply = {"ok": True} | await execute(registry, command_line(data))
+        reply = {"ok": True} | await execute(registry, command_line(data), view)
         code = 0
     except SnapfsError as exc:
         reply = {"ok": False, "errno": exc.errno_name, "error": exc.message}
@@ -56,9 +60,10 @@ async def handle(registry: Registry, data: bytes) -> tuple[int, bytes]:
     return code, (json.dumps(reply) + "\n").encode()
 
 
-async def execute(registry: Registry, line: str) -> dict:
+async def execute(registry: Registry, line: str, view: View = SAME) -> dict:
     """Run one command line; return the reply fields (without "ok"). SnapfsError with
-    the command's errno (EINVAL for malformed lines)."""
+    the command's errno (EINVAL for malformed lines). Paths in it are resolved where
+    ``view`` sees them (namespace.py)."""
     try:
         words = shlex.split(line)
     except ValueError as exc:
@@ -72,6 +77,8 @@ async def execute(registry: Registry, line: str) -> dict:
         raise SnapfsError(errno.ESHUTDOWN, "the mount is stopping")
     if not command.low <= len(words) - 1 <= command.high:
         raise SnapfsError(errno.EINVAL, f"usage: {words[0]} {command.usage}")
+    if command.paths:
+        return await command.run(registry, *words[1:], view=view)
     return await command.run(registry, *words[1:])
 
 
@@ -123,8 +130,8 @@ async def _status(reg: Registry) -> dict:
     return reg.status()
 
 
-async def _attach(reg: Registry, name: str, path: str) -> dict:
-    tracker = await reg.attach(name, absolute(path, "source"))
+async def _attach(reg: Registry, name: str, path: str, view: View) -> dict:
+    tracker = await reg.attach(name, absolute(path, "source"), view)
     return {"name": name, "size": tracker.capacity}
 
 
@@ -143,8 +150,8 @@ async def _markdirtyblock(reg: Registry, name: str, *ranges: str) -> dict:
     return {"ranges": len(ranges)}
 
 
-async def _snapshot_create(reg: Registry, storage: str, limit: str, *names: str) -> dict:
-    snap = await reg.create(absolute(storage, "storage"), parse_size(limit), list(names))
+async def _snapshot_create(reg: Registry, storage: str, limit: str, *names: str, view: View) -> dict:
+    snap = await reg.create(absolute(storage, "storage"), parse_size(limit), list(names), view)
     return {"id": snap.id}
 
 
@@ -185,13 +192,13 @@ async def _snapshot_waitevent(reg: Registry, snap_id: str, timeout_ms: str) -> d
 COMMANDS: dict[str, Command] = {
     "version": Command("", "print the daemon's version", 0, 0, _version),
     "status": Command("", "devices, snapshots, storage use", 0, 0, _status),
-    "attach": Command("NAME PATH", "add a device at run time", 2, 2, _attach),
+    "attach": Command("NAME PATH", "add a device at run time", 2, 2, _attach, paths=True),
     "detach": Command("NAME", "remove a device (its CBT history is lost)", 1, 1, _detach),
     "cbtinfo": Command("NAME", "CBT block size, count, generation, changes number", 1, 1, _cbtinfo),
     "markdirtyblock": Command("NAME SECTOR:COUNT...", "mark 512-byte sector ranges changed",
                               2, 10_000, _markdirtyblock),
     "snapshot_create": Command("STORAGE LIMIT [NAME...]", "new snapshot, prints its id",
-                               2, 1_000, _snapshot_create),
+                               2, 1_000, _snapshot_create, paths=True),
     "snapshot_add": Command("ID NAME", "add a device before take", 2, 2, _snapshot_add),
     "snapshot_take": Command("ID [nofreeze]", "the point in time", 1, 2, _snapshot_take),
     "snapshot_destroy": Command("ID", "remove images, free the storage", 1, 1, _snapshot_destroy),

@@ -64,8 +64,10 @@ class DiffStorage:
     def open(cls, target: str, limit: int, minimum: int,
              forbidden: Callable[[os.stat_result], str | None],
              on_grow: "Callable[[DiffStorage], bool] | None" = None,
-             on_no_space: Callable[[int], None] | None = None) -> "DiffStorage":
+             on_no_space: Callable[[int], None] | None = None, shown: str = "") -> "DiffStorage":
         """Open or create the storage at ``target`` (blocking; call from a thread).
+        ``shown`` names it in messages and status when ``target`` is a
+        ``/proc/self/fd/N`` path (a path resolved in another mount namespace).
 
         ``forbidden(st)`` returns a reason when the storage (or the directory a new file
         goes into) must not be used: inside the mount, or a device source.
@@ -73,7 +75,7 @@ class DiffStorage:
         Raises SnapfsError: EINVAL (bad kind, forbidden), ENOSPC (an existing small file
         already bigger than ``limit``, or no room for the first portion), ENOENT/EACCES.
         """
-        fd, desc, growable = cls._open_target(target, forbidden)
+        fd, desc, growable = cls._open_target(target, forbidden, shown or target)
         try:
             capacity = os.lseek(fd, 0, os.SEEK_END)
             storage = cls(fd, desc, capacity, limit, minimum, growable, on_grow, on_no_space)
@@ -84,17 +86,17 @@ class DiffStorage:
             raise
 
     @staticmethod
-    def _open_target(target: str, forbidden) -> tuple[int, str, bool]:
+    def _open_target(target: str, forbidden, name: str) -> tuple[int, str, bool]:
         try:
             st = os.stat(target)
         except FileNotFoundError:
             st = None
         except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"storage {target}") from None
+            raise SnapfsError.from_oserror(exc, f"storage {name}") from None
         check = st if st is not None else _stat_parent(target)
         reason = forbidden(check)
         if reason:
-            raise SnapfsError(errno.EINVAL, f"storage {target}: {reason}")
+            raise SnapfsError(errno.EINVAL, f"storage {name}: {reason}")
         try:
             if st is None:   # unlinked at once: a crash can leave nothing behind
                 fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -106,15 +108,15 @@ class DiffStorage:
                 return fd, f"{target} (unlinked)", True
             if stat.S_ISDIR(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-                return fd, f"tmpfile in {target}", True
+                return fd, f"tmpfile in {name}", True
             if stat.S_ISREG(st.st_mode):
-                return _locked(os.open(target, os.O_RDWR | os.O_CLOEXEC), target), target, True
+                return _locked(os.open(target, os.O_RDWR | os.O_CLOEXEC), name), name, True
             if stat.S_ISBLK(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-                return fd, target, False
+                return fd, name, False
         except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"storage {target}") from None
-        raise SnapfsError(errno.EINVAL, f"storage {target}: not a directory, file or block device")
+            raise SnapfsError.from_oserror(exc, f"storage {name}") from None
+        raise SnapfsError(errno.EINVAL, f"storage {name}: not a directory, file or block device")
 
     def _initial_size(self) -> None:
         """blksnap's rule: a small (<= minimum/2) file gets its first portion now."""

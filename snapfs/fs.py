@@ -32,6 +32,7 @@ import trio
 
 from . import control
 from .errors import SnapfsError
+from .namespace import View
 from .registry import Registry
 from .snapshot import Snapshot
 from .tracker import Tracker
@@ -121,13 +122,15 @@ class ContentHandle(Handle):
 
 
 class ControlHandle(Handle):
-    """One command per write; the reply waits here for the next read (offsets ignored)."""
+    """One command per write; the reply waits here for the next read (offsets ignored).
+    Paths in commands are resolved where the opener sees them (``view``: pyfuse3's
+    write has no request context, so the open's pid decides, as for the uid)."""
 
-    def __init__(self, registry: Registry):
-        self.registry, self.reply = registry, b""
+    def __init__(self, registry: Registry, view: View):
+        self.registry, self.view, self.reply = registry, view, b""
 
     async def write(self, offset, data):
-        code, self.reply = await control.handle(self.registry, data)
+        code, self.reply = await control.handle(self.registry, data, self.view)
         if code:
             raise pyfuse3.FUSEError(code)
         return len(data)
@@ -135,6 +138,9 @@ class ControlHandle(Handle):
     async def read(self, offset, size):
         data, self.reply = self.reply[:size], self.reply[size:]
         return data
+
+    def release(self):
+        self.view.close()
 
 
 class EventsHandle(Handle):
@@ -196,6 +202,7 @@ class Attrs:
     size: int = 0
     owner: tuple[int, int] | None = None     # None: the mount's owner
     cache: bool = False                      # device and image attrs may be cached 1 s
+    backup: bool = False                     # an image or CBT file: --image-group may read it
 
 
 class Entry:
@@ -287,7 +294,8 @@ class ImageFile(Entry):
 
     def attrs(self):
         t = self.snap.trackers[self.name]
-        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True)
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o775, t.capacity, _source_owner(t), True,
+                     backup=True)
 
     async def open(self, ops, flags, ctx):
         image = self.snap.image(self.name)
@@ -314,7 +322,8 @@ class JsonFile(ReadOnlyFile):
     def attrs(self):
         if self.source is None:
             return Attrs(stat.S_IFREG | 0o400)
-        return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source))
+        return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source),
+                     backup=True)
 
     def handle(self, ops, flags):
         return ContentHandle((json.dumps(self.produce()) + "\n").encode())
@@ -328,7 +337,8 @@ class CbtMapFile(ReadOnlyFile):
 
     def attrs(self):
         t = self.tracker
-        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t))
+        return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t),
+                     backup=True)
 
     def handle(self, ops, flags):
         return ContentHandle(bytes(self.tracker.cbt.read_map))
@@ -356,7 +366,7 @@ class ControlFile(Entry):
     async def open(self, ops, flags, ctx):
         if ctx.uid not in (0, ops.owner[0]):
             raise SnapfsError(errno.EACCES, "only root or the mount's owner may send commands")
-        return ControlHandle(ops.registry)
+        return ControlHandle(ops.registry, View.of_pid(ctx.pid))
 
 
 # ----- the inode table and Operations -------------------------------------------------
@@ -379,11 +389,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode):
+    def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode,
+                 image_group: int | None = None):
         super().__init__()
         self._invalidate = invalidate     # tests without a mount pass a recorder
         self.registry: Registry | None = None
         self.owner = (owner_uid, owner_gid)
+        self.image_group = image_group    # --image-group: images and CBT files readable by it
         self.waiters = Waiters()
         self._nodes: dict[int, Node] = {ROOT: Node(ROOT, RootDir(), ROOT, "")}
         self._by_key: dict[tuple, int] = {RootDir.key: ROOT}
@@ -444,6 +456,8 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.inode
         a.st_mode, a.st_size = spec.mode, spec.size
         a.st_uid, a.st_gid = spec.owner or self.owner
+        if spec.backup and self.image_group is not None:
+            a.st_gid, a.st_mode = self.image_group, a.st_mode | stat.S_IRGRP
         a.st_nlink = 2 if stat.S_ISDIR(spec.mode) else 1
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.ctime_ns
         a.st_blksize = 128 * 1024

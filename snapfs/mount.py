@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class MountConfig:
     state_dir: str = ""
     allow_other: bool = False
     read_ahead_kb: int = 4096
+    image_group: int | None = None     # images and CBT files: this group, group-readable
 
 
 def parse_sources(specs: list[str]) -> list[tuple[str, str]]:
@@ -60,6 +62,12 @@ def check_mountpoint(path: str) -> str:
     """The mountpoint must be an existing, empty directory that is not a mount.
     Returns its real path (what mountinfo lists: symlinks resolved)."""
     path = os.path.realpath(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise SnapfsError(errno.ENOTCONN, f"{path} is a dead FUSE mount (its daemon is gone): "
+                              f"clear it with 'fusermount3 -u -z {path}', then mount again") from None
     if not os.path.isdir(path):
         raise SnapfsError(errno.ENOTDIR, f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
@@ -120,11 +128,11 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     for _, path in pairs:
         check_source(path)
     state = StateStore(config.state_dir, config.params)
-    ops = Operations(os.getuid(), os.getgid())
+    ops = Operations(os.getuid(), os.getgid(), image_group=config.image_group)
     registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops)
     try:
         for name, path in pairs:
-            source = Source.open(path)
+            source = Source.open(path, served_by=mountpoint)
             try:
                 registry.add_device(name, source)
             except BaseException:
@@ -204,13 +212,20 @@ def run(config: MountConfig, ready=None) -> int:
         registry.close_sources()
         raise SnapfsError(errno.EIO, f"{registry.mountpoint} is not in /proc/self/mountinfo after mounting")
     registry.mounted(found.dev)
+
+    def announce() -> None:
+        sd_notify(f"READY=1\nSTATUS=serving {registry.mountpoint}")
+        if ready is not None:
+            ready()
+
     try:
-        trio.run(serve, registry, ready, config.read_ahead_kb)
+        trio.run(serve, registry, announce, config.read_ahead_kb)
     except BaseException:
         log.critical("snapfs crashed; leaving %s mounted (fusermount3 -u -z to clear)",
                      registry.mountpoint)
         pyfuse3.close(unmount=False)
         raise
+    sd_notify("STOPPING=1")
     stop_cleanly(registry, state)
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", registry.mountpoint)
@@ -255,6 +270,7 @@ async def _stop_on_signals(registry: Registry, scope: trio.CancelScope) -> None:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             break
+        sd_notify("STOPPING=1")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_ignore_more, signals)
             with trio.move_on_after(PREPARE_LIMIT):
@@ -269,6 +285,25 @@ async def _stop_on_signals(registry: Registry, scope: trio.CancelScope) -> None:
 async def _ignore_more(signals) -> None:
     async for signum in signals:
         log.info("received %s again: already stopping", signal.Signals(signum).name)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify``) ``state`` (``READY=1``, ``STOPPING=1``): one
+    datagram to the AF_UNIX socket named by $NOTIFY_SOCKET (a leading ``@`` names an
+    abstract socket). Without $NOTIFY_SOCKET nothing is sent; a failure is logged.
+    Returns whether it was sent."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s (%s)", os.environ["NOTIFY_SOCKET"], exc)
+        return False
+    return True
 
 
 def stop_cleanly(registry: Registry, state: StateStore) -> None:

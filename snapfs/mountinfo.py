@@ -43,7 +43,12 @@ def parse_line(line: bytes) -> Mount:
 def mounts(path: str = MOUNTINFO) -> list[Mount]:
     """Every mount visible to this process, in mountinfo order."""
     with open(path, "rb") as f:
-        return [parse_line(line) for line in f if line.strip()]
+        return parse(f.read())
+
+
+def parse(data: bytes) -> list[Mount]:
+    """The mounts of a whole mountinfo text (any process's)."""
+    return [parse_line(line) for line in data.splitlines() if line.strip()]
 
 
 def at(mountpoint: str) -> Mount | None:

@@ -31,6 +31,7 @@ from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
+from .namespace import SAME, View
 from .params import Params
 from .snapshot import Snapshot, take
 from .source import Source
@@ -142,13 +143,14 @@ class Registry:
         self.devices[name] = tracker
         return tracker
 
-    async def attach(self, name: str, path: str) -> Tracker:
-        """Open ``path`` (absolute) in a thread, refusing what the data path would wait
-        on itself through (stack.py), and register it."""
+    async def attach(self, name: str, path: str, view: View = SAME) -> Tracker:
+        """Open ``path`` (absolute, where ``view`` sees it: namespace.py) in a thread,
+        refusing what the data path would wait on itself through (stack.py), and
+        register it."""
         check_name(name)
         if name in self.devices:
             raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
-        source = await trio.to_thread.run_sync(open_source, path, self.guard())
+        source = await trio.to_thread.run_sync(open_source, path, self.guard(), self.mountpoint, view)
         try:
             await self._check_under_storage(name, source)
             tracker = self.add_device(name, source)
@@ -212,8 +214,9 @@ class Registry:
 
     # ----- snapshots -------------------------------------------------------------------
 
-    async def create(self, storage: str, limit: int, names: list[str]) -> Snapshot:
-        """A new snapshot of ``names`` with its storage at ``storage`` (absolute)."""
+    async def create(self, storage: str, limit: int, names: list[str], view: View = SAME) -> Snapshot:
+        """A new snapshot of ``names`` with its storage at ``storage`` (absolute, where
+        ``view`` sees it: namespace.py)."""
         if limit <= 0:
             raise SnapfsError(errno.EINVAL, "limit must be positive")
         for name in names:
@@ -221,10 +224,20 @@ class Registry:
         if len(set(names)) != len(names):
             raise SnapfsError(errno.EINVAL, "a device is listed twice")
         guard, events = self.guard(), EventLog([self.listener.events_changed])
-        store = await trio.to_thread.run_sync(
-            lambda: DiffStorage.open(storage, limit, self.params.diff_storage_minimum,
-                                     lambda st: guard.why_not(st, True), on_grow=self._schedule_grow,
-                                     on_no_space=lambda n: events.post("no_space", requested_bytes=n)))
+
+        def open_storage() -> DiffStorage:
+            def forbidden(st):
+                return guard.why_not(st, True)
+            guard.elsewhere = view.fstypes()
+            target = view.resolve(storage, create_in=forbidden)
+            try:
+                return DiffStorage.open(target.path, limit, self.params.diff_storage_minimum, forbidden,
+                                        on_grow=self._schedule_grow, shown=target.shown,
+                                        on_no_space=lambda n: events.post("no_space", requested_bytes=n))
+            finally:
+                target.close()
+
+        store = await trio.to_thread.run_sync(open_storage)
         snap = Snapshot(store, self.params, events)
         try:
             for name in names:   # re-check: the registry may have changed during the await
@@ -373,17 +386,24 @@ class Registry:
         }
 
 
-def open_source(path: str, guard: Guard) -> Source:
-    """Blocking: refuse a source the data path would wait on itself through (stack.py),
-    then open it."""
+def open_source(path: str, guard: Guard, served_by: str = "", view: View = SAME) -> Source:
+    """Blocking: find ``path`` where ``view`` sees it (namespace.py), refuse a source
+    the data path would wait on itself through (stack.py), then open it (claimed for
+    the mount at ``served_by``, source.Claim)."""
+    guard.elsewhere = view.fstypes()
+    target = view.resolve(path)
+    name = target.shown or path
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"source {path}") from None
-    same = guard.source_name(st)
-    if same is not None:
-        raise SnapfsError(errno.EEXIST, f"{path} is already attached as {same}")
-    reason = guard.why_not(st, False)
-    if reason:
-        raise SnapfsError(errno.EINVAL, f"source {path} {reason}")
-    return Source.open(path)
+        try:
+            st = os.stat(target.path)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"source {name}") from None
+        same = guard.source_name(st)
+        if same is not None:
+            raise SnapfsError(errno.EEXIST, f"{name} is already attached as {same}")
+        reason = guard.why_not(st, False)
+        if reason:
+            raise SnapfsError(errno.EINVAL, f"source {name} {reason}")
+        return Source.open(target.path, served_by, target.shown)
+    finally:
+        target.close()

@@ -2,14 +2,21 @@
 identity across restarts, and its I/O (pread, pwrite, fdatasync, punch-hole).
 
 Knows nothing of snapshots or tracking: ``tracker``, ``diffarea`` and ``state`` use it.
+
+One daemon per source: a regular file is flock'ed and a block device opened O_EXCL for
+as long as a mount serves it; the mount also leaves a *claim* (``Claim``) naming
+itself, so a second mount that is refused can say which mount serves the source.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from .errors import SnapfsError
@@ -42,16 +49,25 @@ class Source:
         self.size = size
         self.st = st
         self.kind = kind
+        self.claim: Claim | None = None
 
     @classmethod
-    def open(cls, path: str) -> "Source":
+    def open(cls, path: str, served_by: str = "", shown: str = "") -> "Source":
         """Open ``path`` read/write (blocking; call from a thread or before the loop).
 
-        Raises SnapfsError: ENOENT/EACCES from the OS; EINVAL not a regular file or
-        block device, empty, or not a whole number of 512-byte sectors. Block devices are
-        opened O_EXCL so nothing can mount them behind the tracker's back.
+        ``served_by``: the mountpoint that will serve it, left in a claim (``Claim``)
+        for a refused second mount to name. ``shown``: the name users see instead of
+        ``path``'s real path (a path resolved in another mount namespace is opened
+        through ``/proc/self/fd``, whose real path would name a file of this one).
+
+        Raises SnapfsError: ENOENT/EACCES from the OS; EBUSY served by another snapfs
+        (naming it when its claim is live) or otherwise held; EINVAL not a regular
+        file or block device, empty, or not a whole number of 512-byte sectors. Block
+        devices are opened O_EXCL so nothing can mount them behind the tracker's back.
         """
-        path = os.path.realpath(path)
+        name = shown or os.path.realpath(path)
+        path = path if shown else name
+        st = None
         try:
             st = os.stat(path)
             if stat.S_ISREG(st.st_mode):
@@ -59,21 +75,27 @@ class Source:
             elif stat.S_ISBLK(st.st_mode):
                 kind, flags = "bdev", os.O_EXCL
             else:
-                raise SnapfsError(errno.EINVAL, f"{path} is not a regular file or block device")
+                raise SnapfsError(errno.EINVAL, f"{name} is not a regular file or block device")
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
         except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"opening {path}") from None
+            if exc.errno == errno.EBUSY and st is not None and stat.S_ISBLK(st.st_mode):
+                raise SnapfsError(errno.EBUSY, _held(name, st, "mounted, or opened exclusively "
+                                                     "by another program")) from None
+            raise SnapfsError.from_oserror(exc, f"opening {name}") from None
         if kind == "file":
-            _lock(fd, path)
+            _lock(fd, name, st)
         size = os.lseek(fd, 0, os.SEEK_END)
         # no read-ahead of our own: the kernel's read-ahead on the FUSE file already
         # sizes our requests, and a 4 KiB random read must stay 4 KiB on the disk
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if size == 0 or size % SECTOR:
             os.close(fd)
-            raise SnapfsError(errno.EINVAL, f"{path} is empty" if not size else
-                              f"{path} is {size} bytes, not a multiple of {SECTOR}-byte sectors")
-        return cls(path, fd, size, st, kind)
+            raise SnapfsError(errno.EINVAL, f"{name} is empty" if not size else
+                              f"{name} is {size} bytes, not a multiple of {SECTOR}-byte sectors")
+        source = cls(name, fd, size, st, kind)
+        if served_by:
+            source.claim = Claim.take(st, served_by)
+        return source
 
     def same_as(self, other: "Source") -> bool:
         """The same file or block device (a device by its number, a file by inode)."""
@@ -114,10 +136,13 @@ class Source:
             self.pwrite(offset, bytes(length))
 
     def close(self) -> None:
+        """Drop the claim first: while the lock is held no other mount can claim."""
+        if self.claim is not None:
+            self.claim.release()
         os.close(self.fd)
 
 
-def _lock(fd: int, path: str) -> None:
+def _lock(fd: int, path: str, st: os.stat_result) -> None:
     """An exclusive flock for the source's life (block devices have O_EXCL): a second
     snapfs, or a snapshot storage, naming the same file gets EBUSY. The lock belongs
     to this open file, so a crash releases it."""
@@ -126,9 +151,121 @@ def _lock(fd: int, path: str) -> None:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise SnapfsError(errno.EBUSY, f"{path} is in use by another snapfs or a snapshot's "
-                              "storage (it holds a lock on it)") from None
+            raise SnapfsError(errno.EBUSY, _held(path, st, "a snapshot's storage or another "
+                                                 "snapfs holds a lock on it")) from None
         raise SnapfsError.from_oserror(exc, f"locking {path}") from None
+
+
+def _held(path: str, st: os.stat_result, otherwise: str) -> str:
+    """Why ``path`` is busy: the mount that serves it when its claim is live."""
+    serving = Claim.read(st)
+    if serving is None:
+        return f"{path} is in use ({otherwise}; no snapfs mount claims it here)"
+    return (f"{path} is in use: the snapfs mounted at {serving['mountpoint']} (pid "
+            f"{serving['pid']}) serves it; unmount that first")
+
+
+def claims_dir() -> str | None:
+    """Where claims live: /run/snapfs/sources for root, else under $XDG_RUNTIME_DIR;
+    None without either."""
+    if os.geteuid() == 0:
+        return "/run/snapfs/sources"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "snapfs", "sources") if runtime else None
+
+
+class Claim:
+    """A small file naming the mount that serves a source, keyed by the source's
+    identity (a block device by its number, a file by device and inode, so any path
+    to it finds it) and flock'ed by that mount while it serves the source. A crashed
+    daemon's claim is unlocked and ignored; the next mount of the source overwrites
+    it. Claims are only a hint for the message: the source's own lock (or O_EXCL) is
+    what refuses a second mount. Mount namespaces with their own /run do not see each
+    other's claims."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+
+    @staticmethod
+    def file_for(st: os.stat_result) -> str | None:
+        base = claims_dir()
+        if base is None:
+            return None
+        if stat.S_ISBLK(st.st_mode):
+            key = f"bdev-{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        else:
+            key = f"file-{os.major(st.st_dev)}:{os.minor(st.st_dev)}-{st.st_ino}"
+        return os.path.join(base, key)
+
+    @classmethod
+    def take(cls, st: os.stat_result, mountpoint: str) -> "Claim | None":
+        """Leave a claim for the source with stat ``st`` (whose lock the caller holds);
+        None when it cannot be written (the mount works without it)."""
+        path = cls.file_for(st)
+        if path is None:
+            return None
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _remove_stale(os.path.dirname(path))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"mountpoint": mountpoint, "pid": os.getpid()}).encode(), 0)
+        except OSError:
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    @classmethod
+    def read(cls, st: os.stat_result) -> dict | None:
+        """The live claim on the source with stat ``st``: {"mountpoint", "pid"}, or None."""
+        path = cls.file_for(st)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path else -1
+        except OSError:
+            return None
+        if fd < 0:
+            return None
+        try:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None                    # nobody holds it: a crashed daemon's
+            claim = json.loads(os.pread(fd, 65536, 0))
+            return claim if isinstance(claim, dict) and "mountpoint" in claim else None
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+STALE_AFTER = 60.0   # seconds: a claim this old that nobody locks is a crashed daemon's
+
+
+def _remove_stale(base: str) -> None:
+    """Remove the claims of crashed daemons: unlocked and written STALE_AFTER ago (a
+    new claim is locked microseconds after it is created)."""
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime > STALE_AFTER:
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

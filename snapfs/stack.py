@@ -135,6 +135,9 @@ class Guard:
     mount_dev: int | None
     files: dict[tuple[int, int], str] = field(default_factory=dict)
     bdevs: dict[int, str] = field(default_factory=dict)
+    # filesystem types of mounts this process cannot see (a command sender's
+    # namespace, namespace.View.fstypes), by device number
+    elsewhere: dict[int, str] = field(default_factory=dict)
 
     def why_not(self, st: os.stat_result, storage: bool) -> str | None:
         """Why a storage (``storage``) or a source with stat ``st`` must be refused,
@@ -144,7 +147,7 @@ class Guard:
             if same:
                 return same
         is_bdev = stat.S_ISBLK(st.st_mode)
-        fstypes = {m.dev: m.fstype for m in mountinfo.mounts()}
+        fstypes = self.elsewhere | {m.dev: m.fstype for m in mountinfo.mounts()}
         for i, layer in enumerate(layers(st.st_rdev if is_bdev else st.st_dev)):
             reason = self._layer_reason(layer, fstypes, storage, own=i == 0 and is_bdev)
             if reason:

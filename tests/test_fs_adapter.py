@@ -21,7 +21,7 @@ from snapfs.registry import Registry
 from snapfs.source import Source
 
 PARAMS = Params(chunk_minimum=64 * KiB, diff_storage_minimum=8 * MiB)
-OWNER = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
+OWNER = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
 class Env:

@@ -180,7 +180,7 @@ def test_a_file_source_is_locked_against_a_second_user(mounter, tmp_path, device
     mnt = tmp_path / "second"
     mnt.mkdir()
     result = snapfs("mount", "--state-dir", str(tmp_path / "st2"), str(mnt), f"d0={device[0]}")
-    assert result.returncode == 1 and "in use by another snapfs" in result.stderr, result.stderr
+    assert result.returncode == 1 and f"the snapfs mounted at {m.path}" in result.stderr, result.stderr
     assert not is_mounted(str(mnt))
     store = tmp_path / "store.bin"
     store.write_bytes(bytes(16 * MiB))

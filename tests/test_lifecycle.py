@@ -163,6 +163,7 @@ def test_umount_tells_when_the_mount_lives_on_in_another_namespace(tmp_path):
         time.sleep(0.5)
         result = snapfs("umount", "--timeout", "2", mnt)
         assert result.returncode == 1 and "another mount namespace" in result.stderr, result.stderr
+        assert f"held by pid {holder.pid} (sleep) at {mnt}" in result.stderr, result.stderr
         assert not is_mounted(mnt)
         os.kill(pid, 0)                                      # still serving the copy
     finally:
