@@ -102,6 +102,14 @@ def test_delta_restore_and_block_device_target(mounter, tmp_path, storage_dir):
     assert result["bytes_written"] == len(touched) * CHUNK
     assert sha256_file(str(target)) == want
 
+    daemon_mnt = tmp_path / "dmnt"
+    daemon_mnt.mkdir()
+    ok("mount", repo, str(daemon_mnt), "--daemon", "--log-file", str(tmp_path / "bm.log"))
+    try:
+        assert sha256_file(str(daemon_mnt / p2 / "d0"), str(daemon_mnt)) == want
+    finally:
+        subprocess.run(["fusermount3", "-u", str(daemon_mnt)], check=False)
+
     backing = tmp_path / "bdev.img"
     make_device(backing, SIZE + MiB, seed=99)
     loop = run("losetup", "--find", "--show", str(backing))
