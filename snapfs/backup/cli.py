@@ -136,7 +136,7 @@ def cmd_restore(args) -> int:
                      delta=args.delta, force=args.force, workers=args.workers)
     emit(args, result, f"restored {result['device']} of point {result['point']} to {result['target']}: "
          f"wrote {human(result['bytes_written'])}, skipped {human(result['bytes_unchanged'])} "
-         "(zero chunks left as holes, or already equal with --delta)")
+         "(zeros left as holes, or already equal with --delta)")
     return output.OK
 
 
