@@ -102,6 +102,14 @@ def test_delta_restore_and_block_device_target(mounter, tmp_path, storage_dir):
     assert result["bytes_written"] == len(touched) * CHUNK
     assert sha256_file(str(target)) == want
 
+    daemon_mnt = tmp_path / "dmnt"
+    daemon_mnt.mkdir()
+    ok("mount", repo, str(daemon_mnt), "--daemon", "--log-file", str(tmp_path / "bm.log"))
+    try:
+        assert sha256_file(str(daemon_mnt / p2 / "d0"), str(daemon_mnt)) == want
+    finally:
+        subprocess.run(["fusermount3", "-u", str(daemon_mnt)], check=False)
+
     backing = tmp_path / "bdev.img"
     make_device(backing, SIZE + MiB, seed=99)
     loop = run("losetup", "--find", "--show", str(backing))
@@ -137,6 +145,17 @@ def test_daemon_crash_means_full_read_and_still_exact(mounter, tmp_path, storage
     # and the next one is incremental again, in the new generation
     scattered_writes(m2, "d0", seed=4, count=1, size=SIZE)
     assert create(m2, repo, "d0", storage=storage_dir)["devices"]["d0"]["mode"] == "incremental"
+
+    # the tables say the same (text output, POINT as a prefix and as 'latest')
+    listing = backup("list", repo).stdout.splitlines()
+    assert listing[0].split()[:3] == ["POINT", "TIME", "DEVICES"] and len(listing) == 5
+    assert [line.split()[-2] for line in listing[1:]] == ["full", "incremental", "full", "incremental"]
+    info = backup("info", repo, point["point"])
+    assert info.returncode == 0 and "WHY FULL" in info.stdout and "CBT generation changed" in info.stdout
+    assert "incremental" in backup("info", repo, "latest").stdout
+    assert backup("info", repo, "2099").returncode == 1
+    ambiguous = backup("info", repo, "2")
+    assert ambiguous.returncode == 1 and "names 4 points" in ambiguous.stderr
 
 
 def test_cbt_audit_catches_a_write_behind_snapfs(mounter, tmp_path, storage_dir):

@@ -225,3 +225,37 @@ def test_full_repository_disk_fails_cleanly(mounter, tmp_path, storage_dir):
         assert ok("gc", repo)["chunks_removed"] > 0, "gc removes the chunks of the failed run"
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_snapfs_daemon_killed_during_create(mounter, tmp_path, storage_dir):
+    """The mount dies under a running create: one clear error (exit 1), no point, a
+    verify that passes, and a create on the next mount works."""
+    source = tmp_path / "big.img"
+    make_device(source, 64 * MiB, seed=27)
+    state = tmp_path / "state"
+    m1 = mounter({"d0": str(source)}, state_dir=state)
+    repo = init(tmp_path / "repo")
+    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m1.path, "--storage",
+                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(chunk_files(repo)) < 20:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
+            time.sleep(0.002)
+        m1.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "snapfs: ENOTCONN: reading " in err, err
+    assert "could not destroy snapshot" in err, "the snapshot's fate is reported"
+    assert ok("list", repo) == [] and ok("verify", repo)["ok"]
+
+    m2 = mounter({"d0": str(source)}, state_dir=state)
+    point = create(m2, repo, "d0", storage=storage_dir)
+    assert point["devices"]["d0"]["mode"] == "full"
+    assert restore_sha(repo, point["point"], "d0", tmp_path / "r.img") == sha256_file(str(source))

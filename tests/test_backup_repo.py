@@ -113,3 +113,25 @@ def test_keep_rules():
     both = select(points, {"last": 1, "monthly": 1})
     assert both == {ids[5]: ["last", "monthly"]}
     assert select(points, {}) == {}
+
+
+def test_restore_leaves_zero_pieces_of_a_chunk_as_holes(tmp_path):
+    """A point written through the format API (one 256 KiB chunk: 64 KiB of data, then
+    zeros; then an all-zero chunk): the restored file is exact and holds one piece."""
+    from snapfs.backup.output import Output
+    from snapfs.backup.restore import restore
+
+    repo = Repo.init(str(tmp_path / "repo"), chunk_size=256 << 10)
+    data = os.urandom(64 << 10) + bytes(192 << 10)
+    digest = digest_of(data)
+    ChunkStore(repo).put(digest, data)
+    size = 2 * len(data)
+    index_digest = repo.write_index("20260101T000000Z", "d", size, digest + ZERO, digest_of)
+    repo.write_manifest({"point": "20260101T000000Z", "unix_time": 0.0, "chunk_size": repo.chunk_size,
+                         "devices": {"d": {"size": size, "index": repo.index_rel("20260101T000000Z", "d"),
+                                           "index_digest": index_digest}}})
+    target = tmp_path / "out.img"
+    result = restore(repo, "latest", "d", str(target), Output(json_mode=True))
+    assert target.read_bytes() == data + bytes(len(data))
+    assert result["bytes_written"] == 64 << 10
+    assert os.stat(target).st_blocks * 512 <= 128 << 10

@@ -33,6 +33,15 @@ def sh(*cmd: str) -> str:
     return result.stdout.strip()
 
 
+def fuse_unmount(path: str) -> None:
+    """fusermount3 -u, retried while a loop device that was just detached lets go."""
+    for _ in range(50):
+        if subprocess.run(["fusermount3", "-u", path], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    sh("fusermount3", "-u", path)
+
+
 def say(text: str) -> None:
     print(f"  {text}", flush=True)
 
@@ -140,13 +149,8 @@ def backup_demo(scratch: str, mnt: str, fs: str, cleanup: list) -> None:
     for line in sh(*backup, "list", repo).splitlines():
         say(line)
     older = first["point"]
-    proc = subprocess.Popen([*backup, "mount", repo, bmnt], stderr=subprocess.DEVNULL)
-    cleanup.append(lambda: (subprocess.run(["fusermount3", "-u", "-z", bmnt]), proc.wait(10)))
-    deadline = time.monotonic() + 15
-    while not os.path.exists(os.path.join(bmnt, older, "disk")):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("backup mount did not come up")
-        time.sleep(0.05)
+    sh(*backup, "mount", "--daemon", "--log-file", os.path.join(scratch, "bmnt.log"), repo, bmnt)
+    cleanup.append(lambda: fuse_unmount(bmnt))
     loop = sh("losetup", "-r", "--find", "--show", os.path.join(bmnt, older, "disk"))
     cleanup.append(lambda: sh("losetup", "-d", loop))
     sh("mount", "-o", "ro", loop, old)

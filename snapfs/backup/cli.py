@@ -136,7 +136,7 @@ def cmd_restore(args) -> int:
                      delta=args.delta, force=args.force, workers=args.workers)
     emit(args, result, f"restored {result['device']} of point {result['point']} to {result['target']}: "
          f"wrote {human(result['bytes_written'])}, skipped {human(result['bytes_unchanged'])} "
-         "(zero chunks left as holes, or already equal with --delta)")
+         "(zeros left as holes, or already equal with --delta)")
     return output.OK
 
 
@@ -190,10 +190,19 @@ def cmd_mount(args) -> int:
 
     from . import mountfs
     from .repo import Repo
+    repo, mountpoint = Repo(args.repo), os.path.abspath(args.mountpoint)
+
+    def serve(ready=None) -> int:
+        return mountfs.run(repo, mountpoint, args.cache_chunks, allow_other="allow_other" in args.options,
+                           ready=ready)
+    if args.daemon:
+        status = mountfs.run_daemon(serve, os.path.abspath(args.log_file))
+        if status == output.OK:
+            emit(args, {"repo": repo.path, "mountpoint": mountpoint, "log_file": args.log_file},
+                 f"mounted {repo.path} read-only at {mountpoint} (fusermount3 -u {mountpoint} ends it)")
+        return status
     logging.basicConfig(level=logging.INFO, format="snapfs backup mount: %(message)s")
-    repo = Repo(args.repo)
-    return mountfs.run(repo, os.path.abspath(args.mountpoint), args.cache_chunks,
-                       allow_other="allow_other" in args.options)
+    return serve()
 
 
 # ----- the parser --------------------------------------------------------------------
@@ -249,8 +258,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     verb("gc", cmd_gc, "remove chunks that no point references")
 
-    v = verb("mount", cmd_mount, "mount the repository read-only: MNT/POINT/NAME (foreground; "
-             "fusermount3 -u MNT ends it)")
+    v = verb("mount", cmd_mount, "mount the repository read-only: MNT/POINT/NAME (foreground unless "
+             "--daemon; fusermount3 -u MNT ends it)")
+    v.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
+    v.add_argument("--log-file", default="/var/tmp/snapfs-backup-mount.log",
+                   help="log of --daemon (default /var/tmp/snapfs-backup-mount.log)")
     v.add_argument("mountpoint", metavar="MNT")
     v.add_argument("--cache-chunks", type=int, default=16, help="decompressed chunks kept (default 16)")
     v.add_argument("-o", dest="options", action="append", default=[], help="allow_other")

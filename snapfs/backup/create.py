@@ -14,6 +14,7 @@ The snapshot is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL l
 it alive; ``lease.json`` names it, and the next writer on the repository destroys it.
 """
 
+import contextlib
 import errno
 import os
 import random
@@ -92,7 +93,7 @@ class DeviceReader:
     """Reads chunks of one snapshot image in worker threads: hash, zero test, store."""
 
     def __init__(self, image: str, size: int, store: ChunkStore, workers: int):
-        self.size, self.store, self.workers = size, store, workers
+        self.image, self.size, self.store, self.workers = image, size, store, workers
         self.chunk_size = store.repo.chunk_size
         try:
             self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
@@ -101,13 +102,22 @@ class DeviceReader:
         self.stats = dict(chunks_read=0, bytes_read=0, chunks_new=0, bytes_new=0, plain_new=0)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the image (read-only: an error here, e.g. ENOTCONN from a dead mount,
+        loses nothing and must not hide the error that ended the run)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def read(self, length: int, offset: int) -> bytes:
+        try:
+            return pread_full(self.fd, length, offset)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"reading {self.image} at offset {offset}") from None
 
     def digest_at(self, index: int) -> tuple[bytes, int, int]:
         """(digest or ZERO, bytes read, bytes stored) of chunk ``index``."""
         offset = index * self.chunk_size
         length = min(self.chunk_size, self.size - offset)
-        data = pread_full(self.fd, length, offset)
+        data = self.read(length, offset)
         if is_zero(data):
             return ZERO, length, 0
         digest = digest_of(data)
@@ -146,7 +156,7 @@ class DeviceReader:
         mismatches, read = [], 0
         for index in picked:
             offset = index * self.chunk_size
-            data = pread_full(self.fd, min(self.chunk_size, self.size - offset), offset)
+            data = self.read(min(self.chunk_size, self.size - offset), offset)
             read += len(data)
             digest = ZERO if is_zero(data) else digest_of(data)
             if digest != parent_digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]:
@@ -234,12 +244,21 @@ def create(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: O
         try:
             return take_and_back_up(repo, names, mount, snap, opts, out)
         finally:
-            reply = send(mount, f"snapshot_destroy {quote(snap)}")
-            if reply.get("ok") or reply.get("errno") == "ESRCH":
-                repo.clear_lease()
-            else:
-                out.warn(f"could not destroy snapshot {snap}: {reply.get('error')}; "
-                         "the next backup create on this repository retries")
+            destroy(repo, mount, snap, out)
+
+
+def destroy(repo: Repo, mount: str, snap: str, out: Output) -> None:
+    """Destroy the run's snapshot; if that fails (a dead mount), say so and keep the
+    lease for the next writer, without hiding the error that ended the run."""
+    try:
+        reply = send(mount, f"snapshot_destroy {quote(snap)}")
+    except (SnapfsError, OSError) as exc:
+        reply = {"ok": False, "error": str(exc)}
+    if reply.get("ok") or reply.get("errno") == "ESRCH":
+        repo.clear_lease()
+    else:
+        out.warn(f"could not destroy snapshot {snap}: {reply.get('error')}; "
+                 "the next backup create on this repository retries")
 
 
 def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: CreateOptions,

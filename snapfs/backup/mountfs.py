@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 from collections import OrderedDict
 
 import pyfuse3
@@ -211,8 +212,10 @@ class BackupFS(pyfuse3.Operations):
         return s
 
 
-def run(repo: Repo, mountpoint: str, cache_chunks: int = 16, allow_other: bool = False) -> int:
-    """Mount read-only and serve until unmounted (fusermount3 -u) or SIGINT/SIGTERM."""
+def run(repo: Repo, mountpoint: str, cache_chunks: int = 16, allow_other: bool = False,
+        ready=None) -> int:
+    """Mount read-only and serve until unmounted (fusermount3 -u) or SIGINT/SIGTERM;
+    ``ready()`` is called once requests are served."""
     if not os.path.isdir(mountpoint) or os.listdir(mountpoint):
         raise SnapfsError(errno.EINVAL, f"{mountpoint} must be an empty directory")
     ops = BackupFS(repo, cache_chunks)
@@ -224,7 +227,7 @@ def run(repo: Repo, mountpoint: str, cache_chunks: int = 16, allow_other: bool =
     except RuntimeError as exc:
         raise SnapfsError(errno.EIO, f"mounting {mountpoint} failed: {exc}") from None
     try:
-        trio.run(_serve)
+        trio.run(_serve, ready)
     except BaseException:
         pyfuse3.close(unmount=True)
         raise
@@ -232,9 +235,11 @@ def run(repo: Repo, mountpoint: str, cache_chunks: int = 16, allow_other: bool =
     return 0
 
 
-async def _serve() -> None:
+async def _serve(ready) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals)
+        if ready is not None:
+            nursery.start_soon(trio.to_thread.run_sync, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -244,3 +249,40 @@ async def _stop_on_signals() -> None:
         async for _ in signals:
             pyfuse3.terminate()
             return
+
+
+def run_daemon(serve, log_file: str) -> int:
+    """``backup mount --daemon``: fork; the child logs to ``log_file``, runs
+    ``serve(ready)`` and reports readiness (or its error) through a pipe; the parent
+    returns only then (0 ready, 1 failed)."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode()
+        if message.startswith("ready"):
+            return 0
+        print(f"snapfs backup mount: {message.strip() or 'the daemon died before the mount was ready'}",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
+                        format="%(asctime)s snapfs backup mount: %(message)s")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready():
+        os.write(write_end, b"ready\n")
+        os.close(write_end)
+
+    try:
+        status = serve(ready)
+    except SnapfsError as exc:
+        os.write(write_end, str(exc).encode())
+        os._exit(1)
+    except BaseException:
+        log.exception("daemon failed")
+        os._exit(1)
+    os._exit(status)

@@ -1,10 +1,10 @@
 """``backup restore``: write one device of one point to a file or a block device.
 
-A new or emptied regular file is made sparse: its size is set first and all-zero
-chunks stay holes. A block device gets every chunk written (zeros too); it must be at
-least the device's size and is opened O_EXCL (not while mounted). ``delta`` keeps what
-TARGET already holds where it matches: each chunk of the target is hashed and only
-chunks whose digest differs are written.
+A new or emptied regular file is made sparse: its size is set first, all-zero chunks
+stay holes, and so do all-zero 64 KiB pieces inside a chunk. A block device gets every
+chunk written (zeros too); it must be at least the device's size and is opened O_EXCL
+(not while mounted). ``delta`` keeps what TARGET already holds where it matches: each
+chunk of the target is hashed and only chunks whose digest differs are written.
 
 Every chunk read is checked (CRC of the stored bytes, decompression, length, digest);
 a damaged one stops the restore with ``Damaged`` naming point, device and offset. The
@@ -21,6 +21,14 @@ from ..errors import SnapfsError
 from .chunks import ChunkStore, digest_of, is_zero
 from .output import Output
 from .repo import DIGEST_SIZE, ZERO, Damaged, Repo, chunk_count
+
+SPARSE_BLOCK = 64 << 10      # zero runs this long inside a chunk stay holes in a new file
+
+
+def write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool]:
@@ -72,10 +80,21 @@ class Restorer:
         except Damaged as exc:
             raise Damaged(f"{self.where}, offset {offset} (chunk {index}, {digest.hex()[:16]}): "
                           f"{exc.message}; the restore target is incomplete") from None
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(self.fd, view, offset + length - len(view)):]
+        if self.fresh_file:
+            return self.write_sparse(data, offset)
+        write_all(self.fd, memoryview(data), offset)
         return length, 0
+
+    def write_sparse(self, data: bytes, offset: int) -> tuple[int, int]:
+        """Write only the non-zero SPARSE_BLOCK pieces of a chunk (a new file reads
+        zeros elsewhere, without taking space); (bytes written, bytes left as holes)."""
+        view, written = memoryview(data), 0
+        for start in range(0, len(data), SPARSE_BLOCK):
+            if not is_zero(data[start:start + SPARSE_BLOCK]):       # bytes: memcmp, fast
+                piece = view[start:start + SPARSE_BLOCK]
+                write_all(self.fd, piece, offset + start)
+                written += len(piece)
+        return written, len(data) - written
 
     def run(self, digests: bytes, workers: int, progress) -> None:
         count = len(digests) // DIGEST_SIZE
