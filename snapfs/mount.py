@@ -15,13 +15,13 @@ import shutil
 import signal
 import socket
 import stat
-import sys
 from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
 from . import mountinfo
+from .daemon import detach
 from .errors import SnapfsError
 from .fs import Operations
 from .params import Params
@@ -334,36 +334,7 @@ def run_daemon(config: MountConfig, log_level: str, log_file: str | None) -> int
             pass
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"log file {log_file}") from None
-    read_end, write_end = os.pipe()
-    if os.fork():
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode()
-        if message.startswith("ready"):
-            return 0
-        print(f"snapfs: {message.strip() or 'the daemon died before the mount was ready'}",
-              file=sys.stderr)
-        return 1
-    os.close(read_end)
-    os.setsid()
-    setup_logging(log_level, log_file)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-
-    def ready():
-        os.write(write_end, b"ready\n")
-        os.close(write_end)
-
-    try:
-        status = run(config, ready)
-    except SnapfsError as exc:
-        os.write(write_end, str(exc).encode())
-        os._exit(1)
-    except BaseException:
-        logging.getLogger("snapfs").exception("daemon failed")
-        os._exit(1)
-    os._exit(status)
+    return detach(lambda ready: run(config, ready), lambda: setup_logging(log_level, log_file), "snapfs")
 
 
 def setup_logging(level: str, log_file: str | None) -> None:

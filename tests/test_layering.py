@@ -17,11 +17,11 @@ LAYERS = [
     "errors", "params", "mountinfo", "namespace", "workers", "stack", "freeze",  # leaves, the kernel's view
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
-    "fs", "mount",                                                  # the FUSE adapter, lifecycle
+    "fs", "daemon", "mount",                                        # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
 BACKUP = ["repo", "chunks", "output", "create", "restore", "verify", "prune", "mountfs", "cli"]
-BACKUP_MAY_USE = {"__version__", "errors", "params", "cbt", "client"}   # of snapfs's own modules
+BACKUP_MAY_USE = {"__version__", "errors", "params", "cbt", "client", "daemon"}   # of snapfs's own modules
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 

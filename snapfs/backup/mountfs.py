@@ -18,12 +18,12 @@ import logging
 import os
 import signal
 import stat
-import sys
 from collections import OrderedDict
 
 import pyfuse3
 import trio
 
+from ..daemon import detach
 from ..errors import SnapfsError
 from .chunks import ChunkStore, digest_of
 from .repo import DIGEST_SIZE, ZERO, Damaged, Repo
@@ -255,34 +255,8 @@ def run_daemon(serve, log_file: str) -> int:
     """``backup mount --daemon``: fork; the child logs to ``log_file``, runs
     ``serve(ready)`` and reports readiness (or its error) through a pipe; the parent
     returns only then (0 ready, 1 failed)."""
-    read_end, write_end = os.pipe()
-    if os.fork():
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode()
-        if message.startswith("ready"):
-            return 0
-        print(f"snapfs backup mount: {message.strip() or 'the daemon died before the mount was ready'}",
-              file=sys.stderr)
-        return 1
-    os.close(read_end)
-    os.setsid()
-    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
-                        format="%(asctime)s snapfs backup mount: %(message)s")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+    def setup_logging() -> None:
+        logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
+                            format="%(asctime)s snapfs backup mount: %(message)s")
 
-    def ready():
-        os.write(write_end, b"ready\n")
-        os.close(write_end)
-
-    try:
-        status = serve(ready)
-    except SnapfsError as exc:
-        os.write(write_end, str(exc).encode())
-        os._exit(1)
-    except BaseException:
-        log.exception("daemon failed")
-        os._exit(1)
-    os._exit(status)
+    return detach(serve, setup_logging, "snapfs backup mount")

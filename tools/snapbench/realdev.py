@@ -60,13 +60,15 @@ def make_contenders(cfg: Config, work: Path, dev: Path) -> list[Contender]:
 
 
 @contextlib.contextmanager
-def loop_device(backing: Path):
-    """``losetup --find --show --direct-io=on backing``; detached at the end (the kernel
-    finishes the detach when the last user closes it)."""
-    done = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(backing)],
+def loop_device(backing: Path, offset: int = 0, size: int | None = None):
+    """``losetup --find --show --direct-io=on backing`` (``size`` bytes at ``offset``
+    when given); detached at the end (the kernel finishes the detach when the last
+    user closes it)."""
+    part = ["--offset", str(offset), "--sizelimit", str(size)] if size is not None else []
+    done = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", *part, str(backing)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise BenchError(f"losetup failed: {done.stderr.strip()}")
+        raise BenchError(f"losetup {backing} failed: {done.stderr.strip()}")
     dev = Path(done.stdout.strip())
     try:
         yield dev

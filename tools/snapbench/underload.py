@@ -21,6 +21,7 @@ from pathlib import Path
 from .common import BenchError, Config, MiB, human, log
 from .contenders import Snapfs
 from .procs import shielded, wait_until
+from .realdev import loop_device
 from .report import Row
 from .scratch import forget, make_random_file
 
@@ -56,12 +57,12 @@ def run_under_load(cfg: Config, work: Path, res) -> None:
     make_random_file(backing, 2 * size)
     try:
         with contextlib.ExitStack() as stack:
-            disk = stack.enter_context(loop(backing, 0, size))
-            plain = stack.enter_context(loop(backing, size, size))
+            disk = stack.enter_context(loop_device(backing, 0, size))
+            plain = stack.enter_context(loop_device(backing, size, size))
             snap = Snapfs(work / "snapfs", disk, size, size)
             snap.start()
             stack.callback(snap.stop)
-            pgdev = stack.enter_context(loop(snap.device, 0, size))
+            pgdev = stack.enter_context(loop_device(snap.device, 0, size))
             pgdata = stack.enter_context(ext4_mounted(pgdev, work / "pgfs"))
             sock = stack.enter_context(postgres(pgdata, work))
             bench = stack.enter_context(pgbench(sock, work, cfg.load_rounds))
@@ -109,22 +110,6 @@ def timed_copy(path: Path) -> tuple[float, float]:
     start, t0 = time.time(), time.monotonic()
     subprocess.run(["cp", str(path), "/dev/null"], check=True, timeout=1800)
     return start, time.monotonic() - t0
-
-
-@contextlib.contextmanager
-def loop(backing: Path, offset: int, size: int):
-    """A ``--direct-io=on`` loop device over ``size`` bytes of ``backing`` at ``offset``."""
-    done = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", "--offset", str(offset),
-                           "--sizelimit", str(size), str(backing)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"losetup {backing} failed: {done.stderr.strip()}")
-    dev = Path(done.stdout.strip())
-    try:
-        yield dev
-    finally:
-        with shielded():
-            subprocess.run(["losetup", "-d", str(dev)], capture_output=True, check=False)
 
 
 @contextlib.contextmanager
