@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux fio psmisc bubblewrap
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libaio1 e2fsprogs util-linux fio psmisc bubblewrap
 BENCH_PACKAGES := qemu-system-common qemu-utils fio postgresql borgbackup
 
 .PHONY: all deps venv demo test lint bench clean

@@ -41,6 +41,7 @@ class DiffStorage:
                  growable: bool = True, on_grow: "Callable[[DiffStorage], bool] | None" = None,
                  on_no_space: Callable[[int], None] | None = None):
         self.fd = fd
+        self.direct_fd = None      # storage reads go through threads (workers.read)
         self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
         self.description = description
         self.capacity = capacity

@@ -19,6 +19,7 @@ import stat
 import time
 from dataclasses import dataclass
 
+from . import aio
 from .errors import SnapfsError
 from .params import SECTOR
 from .workers import HitRate, pread_nowait
@@ -45,6 +46,7 @@ class Source:
     def __init__(self, path: str, fd: int, size: int, st: os.stat_result, kind: str):
         self.path = path
         self.fd = fd
+        self.direct_fd = aio.open_direct(fd)   # O_DIRECT reads of misses (workers.read), or None
         self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
         self.size = size
         self.st = st
@@ -139,6 +141,8 @@ class Source:
         """Drop the claim first: while the lock is held no other mount can claim."""
         if self.claim is not None:
             self.claim.release()
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
         os.close(self.fd)
 
 

@@ -2,8 +2,10 @@
 destroy or a take wait for it.
 
 ``read`` first tries ``preadv(RWF_NOWAIT)`` inline: data in the page cache costs no
-thread hop; a miss (EAGAIN, or a short read) goes to a worker thread, and while a
-file's attempts mostly miss, its reads go to a thread at once (``HitRate``). Writes always
+thread hop; a miss (EAGAIN, or a short read) is read with O_DIRECT through Linux AIO
+where the file has an O_DIRECT descriptor (``aio.pread``: no thread, no GIL hand-off),
+else, or where AIO cannot serve it, in a worker thread; while a file's attempts mostly
+miss, its reads skip the inline attempt (``HitRate``). Writes always
 go to a worker thread (buffered ``pwritev(RWF_NOWAIT)`` is EOPNOTSUPP on ext4 here,
 and a buffered write may wait in dirty-page throttling). ``THREADS`` long-lived
 threads take calls from one queue, so N requests in flight on a device become N
@@ -31,6 +33,8 @@ from typing import Protocol
 
 import outcome
 import trio
+
+from . import aio
 
 THREADS = 32
 
@@ -147,6 +151,7 @@ class HitRate:
 
 class Readable(Protocol):
     cache: HitRate
+    direct_fd: int | None       # an O_DIRECT descriptor for ``aio.pread``, or None
 
     def pread_nowait(self, offset: int, size: int) -> bytes | None: ...
     def pread(self, offset: int, size: int) -> bytes: ...
@@ -159,6 +164,14 @@ async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> by
     if file.cache.worth_trying():
         data = file.pread_nowait(offset, size)
         file.cache.record(data is not None)
+        if data is not None:
+            return data
+    if file.direct_fd is not None:
+        if bulk:
+            async with bulk_slots():
+                data = await aio.pread(file.direct_fd, offset, size)
+        else:
+            data = await aio.pread(file.direct_fd, offset, size)
         if data is not None:
             return data
     if bulk:

@@ -24,7 +24,7 @@ random data; QEMU as a host_device node), page cache dropped before every job;
 --real-rounds rounds of --real-runtime s jobs: 4 KiB O_DIRECT random reads with 1 and
 16 jobs, a buffered 1 MiB sequential read and a ``cp`` of the device, a buffered read
 of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
-random reads with the source in the page cache.
+random reads with the source in the page cache; --real-only runs only it.
 
 Backup under load (third table, ``underload``; --no-load skips it, and it is skipped
 when PostgreSQL 15 is not installed): pgbench on ext4 over a snapfs device over an
@@ -114,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backup", action="store_true", help="skip the backup table")
     p.add_argument("--backup-only", action="store_true", help="run only the backup table")
     p.add_argument("--load-only", action="store_true", help="run only the backup-under-load table")
+    p.add_argument("--real-only", action="store_true", help="run only the real-device table")
     return p
 
 
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None) -> Config:
     """Command line -> Config (quick defaults first, explicit options win)."""
     p = parser()
     a = p.parse_args(argv)
-    only = "backup" if a.backup_only else "load" if a.load_only else None
+    only = "backup" if a.backup_only else "load" if a.load_only else "real" if a.real_only else None
     cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
                  load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only)
     if a.quick:
@@ -191,6 +192,8 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
     then the backup section; every contender stopped at the end of its part."""
     if cfg.only is None:
         run_snapshot_sections(cfg, work, res)
+    if cfg.only == "real":
+        run_real(cfg, work, res)
     if cfg.load and cfg.only in (None, "load"):
         guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
     if cfg.backup and cfg.only in (None, "backup"):

@@ -52,6 +52,6 @@ class Config:
     load_rounds: int = 3
     backup: bool = True          # the backup section (snapbench/backup.py)
     backup_size: int = 4 * GiB   # its device
-    only: str | None = None      # run only this section: "load" or "backup"
+    only: str | None = None      # run only this section: "load", "backup" or "real"
     workdir: str | None = None
     json: str | None = None

@@ -163,7 +163,7 @@ def real_device_table(table: list[dict], res: Results, cfg: Config) -> str:
 def report(res: Results, cfg: Config, started: float) -> str:
     """Print the tables (stdout), failures and notes; write --json. Returns the text."""
     table = build_table(res, cfg) if cfg.only is None else []
-    real = build_table(res, cfg, REAL_ROWS) if cfg.real and cfg.only is None else []
+    real = build_table(res, cfg, REAL_ROWS) if cfg.real and cfg.only in (None, "real") else []
     parts = [page_cached_table(table, res, cfg)] if cfg.only is None else []
     if real:
         parts.append(real_device_table(real, res, cfg))
