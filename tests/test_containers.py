@@ -378,16 +378,17 @@ def wait_mounted(path: str, proc: subprocess.Popen, seconds: float = 15) -> None
 
 @contextlib.contextmanager
 def snapfs_in_a_container(wide, src: Path):
-    """snapfs in its own mount and pid namespaces (unshare, as root: /dev/fuse and
-    CAP_SYS_ADMIN), mounted beneath a shared host directory. Yields (mountpoint, the
+    """snapfs in its own mount and pid namespaces with its own /proc (unshare, as root:
+    /dev/fuse and CAP_SYS_ADMIN), mounted beneath a shared host directory. Yields (mountpoint, the
     daemon's host pid, the container process); the test stops it with `snapfs
     umount`, or it is aborted and killed."""
     with shared_dir(wide.base / "shared") as shared:
         mnt = str(shared / "mnt")
         os.mkdir(mnt)
         cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "unchanged",
-               sys.executable, "-m", "snapfs", "mount", "--log-file", str(wide.base / "c.log"),
-               "--state-dir", str(wide.base / "c-state"), "-o", "allow_other", mnt, f"d0={src}"]
+               "--mount-proc", sys.executable, "-m", "snapfs", "mount",
+               "--log-file", str(wide.base / "c.log"), "--state-dir", str(wide.base / "c-state"),
+               "-o", "allow_other", mnt, f"d0={src}"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         try:
             wait_mounted(mnt, proc)
@@ -532,3 +533,38 @@ def test_a_view_from_a_thread_id_or_pid_0():
     with pytest.raises(SnapfsError) as info:
         blind.resolve("/etc")
     assert info.value.errno == errno.EXDEV and "nsenter" in info.value.message
+
+
+# a daemon in a new pid namespace: which process a FUSE pid names depends on its /proc
+VIEW_PROBE = r"""
+import json, os, subprocess, sys
+from snapfs.errors import SnapfsError
+from snapfs.namespace import View
+where = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "probe", where], check=True)   # only this namespace has it
+open(os.path.join(where, "marker"), "w").close()
+child = subprocess.Popen(["sleep", "30"])                               # a sender in the same view
+try:
+    try:
+        found = View.of_pid(child.pid).resolve(os.path.join(where, "marker")).path
+    except SnapfsError as exc:
+        found = f"{exc.errno_name}: {exc.message}"
+    print(json.dumps(found))
+finally:
+    child.kill()
+"""
+
+
+@pytest.mark.parametrize("own_proc", [False, True], ids=["parents-proc", "own-proc"])
+def test_a_view_in_a_new_pid_namespace_never_looks_up_another_process(tmp_path, own_proc):
+    """FUSE reports pids in the daemon's pid namespace. With the parent's /proc left
+    (unshare --pid without --mount-proc) the same number is another process there, so
+    paths must be refused (EXDEV, saying why), not resolved in that process's view;
+    with its own /proc, a sender sharing the daemon's view is resolved as its own."""
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+           *(["--mount-proc"] if own_proc else []), sys.executable, "-c", VIEW_PROBE, str(tmp_path)]
+    found = json.loads(run(*cmd))
+    if own_proc:
+        assert found == str(tmp_path / "marker"), found
+    else:
+        assert found.startswith("EXDEV") and "another pid namespace" in found, found
