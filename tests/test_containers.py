@@ -104,6 +104,73 @@ def test_a_busy_source_no_snapfs_claims_says_so(mounter, tmp_path):
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
+@pytest.fixture
+def claims(tmp_path, monkeypatch):
+    """Claims in a directory of this test's; a source file's stat to claim."""
+    import snapfs.source
+    base = tmp_path / "claims"
+    monkeypatch.setattr(snapfs.source, "claims_dir", lambda: str(base))
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(4096))
+    return base, os.stat(src)
+
+
+def test_a_claim_is_taken_while_another_process_briefly_looks_at_the_old_one(claims):
+    """A crashed daemon left a claim file; a refused mount reading it (Claim.read), or
+    another mount sweeping stale claims, holds its lock for a moment just as the new
+    daemon claims the source: the new daemon must still be named, not go unclaimed."""
+    import fcntl
+    import threading
+
+    from snapfs.source import Claim
+    base, st = claims
+    base.mkdir()
+    stale = Claim.file_for(st)
+    Path(stale).write_text('{"mountpoint": "/old", "pid": 1}')
+    fd = os.open(stale, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)                  # as Claim.read holds it
+    threading.Timer(0.05, os.close, [fd]).start()
+    claim = Claim.take(st, "/new")
+    try:
+        assert claim is not None
+        assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch):
+    """Another mount's sweep removes the stale claim file between the new daemon's
+    open and its lock: the claim must not be written into the unlinked file."""
+    import fcntl
+
+    import snapfs.source
+    from snapfs.source import Claim
+    base, st = claims
+    base.mkdir()
+    stale = Claim.file_for(st)
+    Path(stale).write_text('{"mountpoint": "/old", "pid": 1}')
+    calls = []
+
+    def flock(fd, op):
+        if not calls:
+            os.unlink(stale)                        # the sweep of another mount, just now
+        calls.append(op)
+        return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(snapfs.source, "fcntl", type("F", (), {"flock": staticmethod(flock),
+                        **{k: getattr(fcntl, k) for k in ("LOCK_EX", "LOCK_SH", "LOCK_NB")}}))
+    monkeypatch.setattr(snapfs.source, "_remove_stale", lambda base: None)
+    claim = Claim.take(st, "/new")
+    monkeypatch.setattr(snapfs.source, "fcntl", fcntl)
+    try:
+        assert claim is not None
+        assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
+    finally:
+        if claim is not None:
+            claim.release()
+
+
 # ----- containers made with bubblewrap ----------------------------------------------------------
 
 # a minimal container: the host's /usr read-only, its own /proc, /dev and /tmp, and a new
