@@ -456,8 +456,8 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.inode
         a.st_mode, a.st_size = spec.mode, spec.size
         a.st_uid, a.st_gid = spec.owner or self.owner
-        if spec.backup and self.image_group is not None:
-            a.st_gid, a.st_mode = self.image_group, a.st_mode | stat.S_IRGRP
+        if spec.backup and self.image_group is not None:   # read, never write: not the source's group
+            a.st_gid, a.st_mode = self.image_group, (a.st_mode & ~stat.S_IWGRP) | stat.S_IRGRP
         a.st_nlink = 2 if stat.S_ISDIR(spec.mode) else 1
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.ctime_ns
         a.st_blksize = 128 * 1024

@@ -20,8 +20,10 @@ is the handle's). The pid is the opening thread's id in the daemon's pid namespa
   mount is refused) come from mountinfo, so the opener's mount table is read too
   (``fstypes``), from ``/proc/PID/mountinfo`` opened at open (it keeps that
   namespace, whatever happens to the pid).
-- The opener cannot be seen (pid 0, or its /proc entry unreadable): every path is
-  refused with EXDEV, saying why and what to do; commands without paths work.
+- The opener cannot be seen (pid 0, its /proc entry unreadable, or the daemon's
+  /proc is not of its own pid namespace, so the pid would name another process
+  there): every path is refused with EXDEV, saying why and what to do; commands
+  without paths work.
 
 Calls here block briefly on /proc; ``resolve`` may touch any filesystem: run it in a
 worker thread.
@@ -78,6 +80,20 @@ class Resolved:
         self.fds.clear()
 
 
+def proc_is_own() -> bool:
+    """Whether /proc shows this process's pid namespace, the one FUSE reports pids in
+    (``unshare --pid --fork`` without ``--mount-proc`` keeps the parent's /proc, where
+    the same number is another process). /proc/self's NSpid then lists one pid."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) == 2
+    except OSError:
+        return False
+    return True     # no NSpid line (kernels before 4.1): nothing to compare
+
+
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
@@ -97,6 +113,10 @@ class View:
         if pid <= 0:
             return cls(0, refusal="the process that opened the control file is in a pid "
                        "namespace the daemon cannot see (is snapfs running in a container?)")
+        if not proc_is_own():
+            return cls(pid, refusal="the daemon's /proc belongs to another pid namespace than its "
+                       f"own, so pid {pid} cannot be looked up there (give the daemon a /proc of "
+                       "its own pid namespace: unshare --mount-proc, a container's own /proc)")
         try:
             fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:

@@ -211,17 +211,29 @@ class Claim:
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             _remove_stale(os.path.dirname(path))
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"mountpoint": mountpoint, "pid": os.getpid()}).encode(), 0)
-        except OSError:
-            os.close(fd)
-            return None
-        return cls(path, fd)
+        # a crashed daemon's file may be locked for a moment by a reader (Claim.read)
+        # or another mount's sweep, which may also unlink it between our open and lock
+        for _ in range(CLAIM_TRIES):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    raise FileNotFoundError(errno.ENOENT, "claim file replaced", path)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"mountpoint": mountpoint, "pid": os.getpid()}).encode(), 0)
+                return cls(path, fd)
+            except (BlockingIOError, FileNotFoundError):
+                os.close(fd)
+                time.sleep(0.01)
+            except OSError:
+                os.close(fd)
+                return None
+        return None
 
     @classmethod
     def read(cls, st: os.stat_result) -> dict | None:
@@ -251,6 +263,7 @@ class Claim:
 
 
 STALE_AFTER = 60.0   # seconds: a claim this old that nobody locks is a crashed daemon's
+CLAIM_TRIES = 50     # 10 ms apart: a claim file locked or unlinked by someone else
 
 
 def _remove_stale(base: str) -> None:

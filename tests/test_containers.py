@@ -104,6 +104,73 @@ def test_a_busy_source_no_snapfs_claims_says_so(mounter, tmp_path):
         subprocess.run(["losetup", "-d", loop], capture_output=True)
 
 
+@pytest.fixture
+def claims(tmp_path, monkeypatch):
+    """Claims in a directory of this test's; a source file's stat to claim."""
+    import snapfs.source
+    base = tmp_path / "claims"
+    monkeypatch.setattr(snapfs.source, "claims_dir", lambda: str(base))
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(4096))
+    return base, os.stat(src)
+
+
+def test_a_claim_is_taken_while_another_process_briefly_looks_at_the_old_one(claims):
+    """A crashed daemon left a claim file; a refused mount reading it (Claim.read), or
+    another mount sweeping stale claims, holds its lock for a moment just as the new
+    daemon claims the source: the new daemon must still be named, not go unclaimed."""
+    import fcntl
+    import threading
+
+    from snapfs.source import Claim
+    base, st = claims
+    base.mkdir()
+    stale = Claim.file_for(st)
+    Path(stale).write_text('{"mountpoint": "/old", "pid": 1}')
+    fd = os.open(stale, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)                  # as Claim.read holds it
+    threading.Timer(0.05, os.close, [fd]).start()
+    claim = Claim.take(st, "/new")
+    try:
+        assert claim is not None
+        assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch):
+    """Another mount's sweep removes the stale claim file between the new daemon's
+    open and its lock: the claim must not be written into the unlinked file."""
+    import fcntl
+
+    import snapfs.source
+    from snapfs.source import Claim
+    base, st = claims
+    base.mkdir()
+    stale = Claim.file_for(st)
+    Path(stale).write_text('{"mountpoint": "/old", "pid": 1}')
+    calls = []
+
+    def flock(fd, op):
+        if not calls:
+            os.unlink(stale)                        # the sweep of another mount, just now
+        calls.append(op)
+        return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(snapfs.source, "fcntl", type("F", (), {"flock": staticmethod(flock),
+                        **{k: getattr(fcntl, k) for k in ("LOCK_EX", "LOCK_SH", "LOCK_NB")}}))
+    monkeypatch.setattr(snapfs.source, "_remove_stale", lambda base: None)
+    claim = Claim.take(st, "/new")
+    monkeypatch.setattr(snapfs.source, "fcntl", fcntl)
+    try:
+        assert claim is not None
+        assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
+    finally:
+        if claim is not None:
+            claim.release()
+
+
 # ----- containers made with bubblewrap ----------------------------------------------------------
 
 # a minimal container: the host's /usr read-only, its own /proc, /dev and /tmp, and a new
@@ -378,16 +445,17 @@ def wait_mounted(path: str, proc: subprocess.Popen, seconds: float = 15) -> None
 
 @contextlib.contextmanager
 def snapfs_in_a_container(wide, src: Path):
-    """snapfs in its own mount and pid namespaces (unshare, as root: /dev/fuse and
-    CAP_SYS_ADMIN), mounted beneath a shared host directory. Yields (mountpoint, the
+    """snapfs in its own mount and pid namespaces with its own /proc (unshare, as root:
+    /dev/fuse and CAP_SYS_ADMIN), mounted beneath a shared host directory. Yields (mountpoint, the
     daemon's host pid, the container process); the test stops it with `snapfs
     umount`, or it is aborted and killed."""
     with shared_dir(wide.base / "shared") as shared:
         mnt = str(shared / "mnt")
         os.mkdir(mnt)
         cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "unchanged",
-               sys.executable, "-m", "snapfs", "mount", "--log-file", str(wide.base / "c.log"),
-               "--state-dir", str(wide.base / "c-state"), "-o", "allow_other", mnt, f"d0={src}"]
+               "--mount-proc", sys.executable, "-m", "snapfs", "mount",
+               "--log-file", str(wide.base / "c.log"), "--state-dir", str(wide.base / "c-state"),
+               "-o", "allow_other", mnt, f"d0={src}"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         try:
             wait_mounted(mnt, proc)
@@ -532,3 +600,38 @@ def test_a_view_from_a_thread_id_or_pid_0():
     with pytest.raises(SnapfsError) as info:
         blind.resolve("/etc")
     assert info.value.errno == errno.EXDEV and "nsenter" in info.value.message
+
+
+# a daemon in a new pid namespace: which process a FUSE pid names depends on its /proc
+VIEW_PROBE = r"""
+import json, os, subprocess, sys
+from snapfs.errors import SnapfsError
+from snapfs.namespace import View
+where = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "probe", where], check=True)   # only this namespace has it
+open(os.path.join(where, "marker"), "w").close()
+child = subprocess.Popen(["sleep", "30"])                               # a sender in the same view
+try:
+    try:
+        found = View.of_pid(child.pid).resolve(os.path.join(where, "marker")).path
+    except SnapfsError as exc:
+        found = f"{exc.errno_name}: {exc.message}"
+    print(json.dumps(found))
+finally:
+    child.kill()
+"""
+
+
+@pytest.mark.parametrize("own_proc", [False, True], ids=["parents-proc", "own-proc"])
+def test_a_view_in_a_new_pid_namespace_never_looks_up_another_process(tmp_path, own_proc):
+    """FUSE reports pids in the daemon's pid namespace. With the parent's /proc left
+    (unshare --pid without --mount-proc) the same number is another process there, so
+    paths must be refused (EXDEV, saying why), not resolved in that process's view;
+    with its own /proc, a sender sharing the daemon's view is resolved as its own."""
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+           *(["--mount-proc"] if own_proc else []), sys.executable, "-c", VIEW_PROBE, str(tmp_path)]
+    found = json.loads(run(*cmd))
+    if own_proc:
+        assert found == str(tmp_path / "marker"), found
+    else:
+        assert found.startswith("EXDEV") and "another pid namespace" in found, found

@@ -137,3 +137,31 @@ async def test_destroy_invalidates_the_images_the_kernel_looked_up(env):
     assert env.invalidated == [image]
     assert await fuse_errno(env.ops.read(fh, 4096, 100)) == errno.EIO
     assert await fuse_errno(env.ops.getattr(image, OWNER)) == errno.ENOENT
+
+
+async def test_image_group_reads_images_and_cbt_but_never_writes(tmp_path):
+    """--image-group gives images and CBT files to a backup group to *read*: a source
+    writable by its own group (0660 root:disk, usual for block devices) must not make
+    the images writable by the backup group; device files keep the source's group."""
+    ops = Operations(0, 0, invalidate=lambda inode: None, image_group=64123)
+    reg = Registry(PARAMS, listener=ops)
+    ops.serve(reg)
+    make_device(tmp_path / "d0.img", MiB, seed=3)
+    os.chmod(tmp_path / "d0.img", 0o660)
+    reg.add_device("d0", Source.open(str(tmp_path / "d0.img")))
+    (tmp_path / "store").mkdir()
+
+    async def attrs(*path):
+        inode = ROOT
+        for name in path:
+            inode = (await ops.lookup(inode, name.encode(), OWNER)).st_ino
+        a = await ops.getattr(inode, OWNER)
+        return a.st_gid, stat.S_IMODE(a.st_mode)
+
+    snap = (await control.execute(reg, f"snapshot_create {tmp_path}/store 16M d0"))["id"]
+    await control.execute(reg, f"snapshot_take {snap} nofreeze")
+    assert await attrs("snapshots", snap, "d0") == (64123, 0o640)
+    assert await attrs("cbt", "d0", "map") == (64123, 0o440)
+    assert await attrs("devices", "d0") == (os.stat(tmp_path / "d0.img").st_gid, 0o660)
+    await control.execute(reg, f"snapshot_destroy {snap}")
+    reg.close_sources()
