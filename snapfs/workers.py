@@ -43,9 +43,14 @@ async def run(fn: Callable, *args):
     """``fn(*args)`` in a worker thread (at most THREADS at once); its result, or its
     exception raised here. Foreground work: device I/O and copies (image reads go
     through ``read(..., bulk=True)``, which yields to it)."""
+    _foreground()
+    return await _pool.run(fn, *args)
+
+
+def _foreground() -> None:
+    """Device I/O is waiting on the disk now (``bulk_slots`` yields to it)."""
     global _last_foreground
     _last_foreground = time.monotonic()
-    return await _pool.run(fn, *args)
 
 
 class Pool:
@@ -171,6 +176,7 @@ async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> by
             async with bulk_slots():
                 data = await aio.pread(file.direct_fd, offset, size)
         else:
+            _foreground()
             data = await aio.pread(file.direct_fd, offset, size)
         if data is not None:
             return data
@@ -181,7 +187,8 @@ async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> by
 
 
 # Image reads that may wait on the disk at once: BULK_IDLE, and BULK_BUSY while the
-# devices have had I/O in worker threads within the last FOREGROUND_WINDOW seconds.
+# devices have had I/O waiting on the disk (a worker thread or an AIO read) within the
+# last FOREGROUND_WINDOW seconds.
 # A backup copy of an image streams large reads (the kernel's read-ahead keeps many in
 # flight); unbounded, they fill the thread pool and the disk queue, and the workload's
 # own requests on the devices wait behind them. pgbench on ext4 over a snapfs device,
