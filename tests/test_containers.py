@@ -130,13 +130,7 @@ def test_a_claim_is_taken_while_another_process_briefly_looks_at_the_old_one(cla
     fd = os.open(stale, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)                  # as Claim.read holds it
     threading.Timer(0.05, os.close, [fd]).start()
-    claim = Claim.take(st, "/new")
-    try:
-        assert claim is not None
-        assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
-    finally:
-        if claim is not None:
-            claim.release()
+    assert_claimed_by_us(Claim.take(st, "/new"), st)
 
 
 def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch):
@@ -163,6 +157,12 @@ def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch
     monkeypatch.setattr(snapfs.source, "_remove_stale", lambda base: None)
     claim = Claim.take(st, "/new")
     monkeypatch.setattr(snapfs.source, "fcntl", fcntl)
+    assert_claimed_by_us(claim, st)
+
+
+def assert_claimed_by_us(claim, st) -> None:
+    """``claim`` was taken, and its file names this process and "/new"; released."""
+    from snapfs.source import Claim
     try:
         assert claim is not None
         assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}
