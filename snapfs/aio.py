@@ -26,12 +26,15 @@ Everything here runs on the trio thread.
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 
 import outcome
 import trio
 from libaio import libaio as _k  # the package's ctypes declarations of libaio.h
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096            # offsets, sizes and buffers: a page (O_DIRECT needs the device's block)
 PIECE = 256 * 1024      # a larger read is split: a request that the block layer would
@@ -177,13 +180,20 @@ class _Ring:
 _ring = trio.lowlevel.RunVar("snapfs_aio_ring")
 
 
-def _this_run() -> _Ring:
+def _this_run() -> _Ring | None:
+    """This run's ring, made at the first read; None for the whole run if the kernel
+    refuses an AIO context (``fs.aio-max-nr`` reached): reads then go to threads."""
     try:
         return _ring.get()
     except LookupError:
-        ring = _Ring()
+        try:
+            ring = _Ring()
+        except OSError as exc:
+            log.warning("no AIO context (%s): reads that miss the page cache use threads", exc)
+            ring = None
         _ring.set(ring)
-        trio.lowlevel.spawn_system_task(ring.reap, name="snapfs-aio-reaper")
+        if ring is not None:
+            trio.lowlevel.spawn_system_task(ring.reap, name="snapfs-aio-reaper")
         return ring
 
 
@@ -204,6 +214,8 @@ async def pread(fd: int, offset: int, size: int) -> bytes | None:
     if (offset | size) % ALIGN or not size:
         return None
     ring = _this_run()
+    if ring is None:
+        return None
     buf = ring.buffer(size)
     try:
         read = ring.submit(fd, buf, offset, size)

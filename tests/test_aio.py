@@ -156,3 +156,26 @@ async def test_more_reads_than_slots_fall_back_and_workers_read_serves_all(dataf
     finally:
         source.close()
     assert all(data == content[off:off + 4096] for off, data in results.values())
+
+
+def test_without_an_aio_context_reads_go_to_threads(datafile, monkeypatch):
+    """io_setup refused (fs.aio-max-nr reached): aio answers None for the whole run and
+    ``workers.read`` serves every read through a thread, correctly."""
+    path, content = datafile
+    source = Source.open(str(path))
+    source.cache.rate = 0.0
+
+    def refuse(*args):
+        raise OSError(errno.EAGAIN, "io_setup")
+
+    monkeypatch.setattr(aio._k, "io_setup", refuse)
+
+    async def main():
+        assert await aio.pread(source.direct_fd, 0, 4096) is None
+        return [await workers.read(source, k * 8192, 8192) for k in range(8)]
+
+    try:
+        got = trio.run(main)
+    finally:
+        source.close()
+    assert got == [content[k * 8192:(k + 1) * 8192] for k in range(8)]
