@@ -32,9 +32,15 @@ import os
 
 import outcome
 import trio
-from libaio import libaio as _k  # the package's ctypes declarations of libaio.h
 
 log = logging.getLogger(__name__)
+
+try:
+    from libaio import libaio as _k  # the package's ctypes declarations of libaio.h
+    _MISSING = ""
+except OSError as exc:               # the system's libaio.so.1 is not installed
+    _k = None
+    _MISSING = str(exc)
 
 ALIGN = 4096            # offsets, sizes and buffers: a page (O_DIRECT needs the device's block)
 PIECE = 256 * 1024      # a larger read is split: a request that the block layer would
@@ -43,7 +49,7 @@ PIECE = 256 * 1024      # a larger read is split: a request that the block layer
 MAX_IN_FLIGHT = 256     # pieces submitted at once per trio run; more go to threads
 _POOLED = 32            # idle buffers kept per size
 _IOCB_FLAG_RESFD = 1    # completion bumps the eventfd in ``resfd``
-_NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP)   # answers that mean "use a thread"
+_NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.EINTR)   # answers that mean "use a thread"
 
 
 class _Read:
@@ -82,7 +88,11 @@ class _Ring:
     def __init__(self) -> None:
         self.ctx = _k.io_context_t()
         _k.io_setup(MAX_IN_FLIGHT, ctypes.byref(self.ctx))
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            _k.io_destroy(self.ctx)
+            raise
         self.slots = [_Slot(i, self.efd) for i in range(MAX_IN_FLIGHT)]
         self.pointers = [ctypes.pointer(slot.iocb) for slot in self.slots]
         self.singles = [(_k.iocb_p * 1)(p) for p in self.pointers]   # for one-piece reads
@@ -140,9 +150,15 @@ class _Ring:
             self.free.append(slot)
 
     def deliver(self, timeout) -> None:
-        """Hand completed reads to their tasks (``timeout`` None: wait for a piece)."""
-        n = _k.io_getevents(self.ctx, 0 if timeout is not None else 1, len(self.events),
-                            self.events, timeout)
+        """Hand completed reads to their tasks (``timeout`` None: wait for a piece;
+        a signal interrupts that wait, and the kernel does not restart it)."""
+        while True:
+            try:
+                n = _k.io_getevents(self.ctx, 0 if timeout is not None else 1, len(self.events),
+                                    self.events, timeout)
+                break
+            except InterruptedError:
+                continue
         for ev in self.events[:n]:
             slot = self.slots[ev.data - 1]
             read, slot.read = slot.read, None
@@ -171,10 +187,12 @@ class _Ring:
                         break
         finally:
             # io_destroy waits for the reads in flight; their tasks get them first
-            while self.busy:
-                self.deliver(None)
-            _k.io_destroy(self.ctx)
-            os.close(self.efd)
+            try:
+                while self.busy:
+                    self.deliver(None)
+            finally:
+                _k.io_destroy(self.ctx)
+                os.close(self.efd)
 
 
 _ring = trio.lowlevel.RunVar("snapfs_aio_ring")
@@ -200,7 +218,13 @@ def _this_run() -> _Ring | None:
 def open_direct(fd: int) -> int | None:
     """A read-only O_DIRECT descriptor of the file open as ``fd``, or None where the
     file system refuses O_DIRECT (then every read of it goes through threads)."""
+    global _MISSING
     if os.environ.get("SNAPFS_NO_AIO"):
+        return None
+    if _k is None:
+        if _MISSING:
+            log.warning("no libaio (%s): reads that miss the page cache use threads", _MISSING)
+            _MISSING = ""
         return None
     try:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -208,15 +232,21 @@ def open_direct(fd: int) -> int | None:
         return None
 
 
+@trio.lowlevel.enable_ki_protection
 async def pread(fd: int, offset: int, size: int) -> bytes | None:
     """``size`` bytes at ``offset`` of the O_DIRECT descriptor ``fd``, or None where
-    this path cannot serve them (module docstring)."""
+    this path cannot serve them (module docstring). Protected from KeyboardInterrupt:
+    one raised between the submission and the wait would hand the buffer, which the
+    kernel still fills, to the next read."""
     if (offset | size) % ALIGN or not size:
         return None
     ring = _this_run()
     if ring is None:
         return None
-    buf = ring.buffer(size)
+    try:
+        buf = ring.buffer(size)
+    except OSError:                       # no memory for a buffer: a thread reads it
+        return None
     try:
         read = ring.submit(fd, buf, offset, size)
         if read is None:

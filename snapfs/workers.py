@@ -94,7 +94,10 @@ class Pool:
             task, result = done.popleft()
             trio.lowlevel.reschedule(task, result)
 
+    @trio.lowlevel.enable_ki_protection
     async def run(self, fn: Callable, *args):
+        """Protected from KeyboardInterrupt: one raised between the queue put and the
+        wait would leave a result for a task that is gone."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.started < self.size:
             self.started += 1

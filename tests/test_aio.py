@@ -179,3 +179,17 @@ def test_without_an_aio_context_reads_go_to_threads(datafile, monkeypatch):
     finally:
         source.close()
     assert got == [content[k * 8192:(k + 1) * 8192] for k in range(8)]
+
+
+def test_without_the_libaio_library_sources_have_no_direct_fd(datafile, monkeypatch):
+    """The system's libaio.so.1 missing (the import failed): no O_DIRECT descriptor,
+    so every miss reads through a thread; the daemon still starts and serves."""
+    path, content = datafile
+    monkeypatch.setattr(aio, "_k", None)
+    monkeypatch.setattr(aio, "_MISSING", "libaio.so.1: cannot open shared object file")
+    source = Source.open(str(path))
+    try:
+        assert source.direct_fd is None
+        assert trio.run(workers.read, source, 4096, 4096) == content[4096:8192]
+    finally:
+        source.close()
