@@ -107,8 +107,9 @@ class _Ring:
 
     def buffer(self, size: int) -> mmap.mmap:
         """A page-aligned buffer of at least ``size`` bytes (a power of two)."""
-        pool = self.buffers.get(max(ALIGN, 1 << (size - 1).bit_length()))
-        return pool.pop() if pool else mmap.mmap(-1, max(ALIGN, 1 << (size - 1).bit_length()))
+        cap = max(ALIGN, 1 << (size - 1).bit_length())
+        pool = self.buffers.get(cap)
+        return pool.pop() if pool else mmap.mmap(-1, cap)
 
     def release(self, buf: mmap.mmap) -> None:
         pool = self.buffers.setdefault(len(buf), [])

@@ -168,25 +168,27 @@ class Readable(Protocol):
 async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> bytes:
     """``file.pread`` with the page-cache fast path (module docstring, ``HitRate``).
     ``bulk``: a snapshot-image read, which waits for a slot of ``bulk_slots`` before
-    it takes a thread."""
+    it waits on the disk (AIO or a thread); other reads count as foreground I/O."""
     if file.cache.worth_trying():
         data = file.pread_nowait(offset, size)
         file.cache.record(data is not None)
         if data is not None:
             return data
-    if file.direct_fd is not None:
-        if bulk:
-            async with bulk_slots():
-                data = await aio.pread(file.direct_fd, offset, size)
-        else:
-            _foreground()
-            data = await aio.pread(file.direct_fd, offset, size)
-        if data is not None:
-            return data
     if bulk:
         async with bulk_slots():
-            return await _pool.run(file.pread, offset, size)
-    return await run(file.pread, offset, size)
+            return await _read_miss(file, offset, size)
+    _foreground()
+    return await _read_miss(file, offset, size)
+
+
+async def _read_miss(file: Readable, offset: int, size: int) -> bytes:
+    """A read the page cache could not answer: AIO where the file has an O_DIRECT
+    descriptor and AIO can serve it, else a worker thread."""
+    if file.direct_fd is not None:
+        data = await aio.pread(file.direct_fd, offset, size)
+        if data is not None:
+            return data
+    return await _pool.run(file.pread, offset, size)
 
 
 # Image reads that may wait on the disk at once: BULK_IDLE, and BULK_BUSY while the

@@ -177,13 +177,13 @@ def abort_fuse(path: str, connection: int | None = None) -> None:
     fusectl's ``abort``): every request blocked on it fails at once, so a hung test can
     clean up."""
     from snapfs import mountinfo
+    from snapfs.mount import mount_fusectl
     found = mountinfo.at(path)
     if found is not None:
         connection = os.minor(found.dev)
     if connection is None:
         return
-    if not os.path.isdir(FUSECTL) or not os.listdir(FUSECTL):
-        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=False, capture_output=True)
+    mount_fusectl()
     with contextlib.suppress(OSError), open(f"{FUSECTL}/{connection}/abort", "w") as f:
         f.write("1")
 
