@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import mountinfo
+from . import mountinfo, workers
 from .daemon import detach
 from .errors import SnapfsError
 from .fs import Operations
@@ -150,13 +150,13 @@ async def _tune_connection(registry: Registry, kib: int) -> None:
     the handshake): a stat of the mount from a worker thread waits for it, then the
     bdi and the connection are tuned."""
     try:
-        await trio.to_thread.run_sync(os.stat, registry.mountpoint)
+        await workers.run(os.stat, registry.mountpoint)
     except OSError as exc:
         log.warning("mount not answering (%s): read-ahead left as it is", exc)
         return
     if kib:
-        await trio.to_thread.run_sync(set_read_ahead, registry.mount_dev, kib)
-    await trio.to_thread.run_sync(set_background, registry.mount_dev)
+        await workers.run(set_read_ahead, registry.mount_dev, kib)
+    await workers.run(set_background, registry.mount_dev)
 
 
 # Asynchronous requests (read-ahead, and the direct I/O of a loop device stacked on a

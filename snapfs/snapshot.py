@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import freeze
+from . import freeze, workers
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
@@ -165,7 +165,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     frozen: list = []
     try:
         if not nofreeze:
-            frozen, snap.not_frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
+            frozen, snap.not_frozen = await workers.run(_freeze_stacked, device_files)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
         if snap.taken:
@@ -175,7 +175,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     finally:
         if frozen:   # always, even when cancelled: a frozen filesystem blocks its writers
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(freeze.thaw, frozen)
+                await workers.run(freeze.thaw, frozen)
 
 
 def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> tuple[list, list[str]]:

@@ -14,7 +14,7 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "mountinfo", "namespace", "aio", "workers", "stack", "freeze",  # leaves
+    "errors", "params", "mountinfo", "namespace", "aio", "workers", "fileio", "stack", "freeze",  # leaves
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
     "fs", "daemon", "mount",                                        # the FUSE adapter, lifecycle

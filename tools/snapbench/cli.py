@@ -110,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
                    "table too (--quick skips it)")
     p.add_argument("--load-size", type=_size_arg, help="snapfs device under pgbench (default 2G)")
     p.add_argument("--load-rounds", type=int, help="rounds of the backup-under-load table (default 3)")
+    p.add_argument("--load-source", choices=("sparse", "full", "both"), default="both",
+                   help="source of the backup-under-load table: a sparse disk image, a fully "
+                        "written one, or both (default)")
     p.add_argument("--backup-size", type=_size_arg, help="device of the backup table (default 4G)")
     p.add_argument("--no-backup", action="store_true", help="skip the backup table")
     p.add_argument("--backup-only", action="store_true", help="run only the backup table")
@@ -133,6 +136,7 @@ def parse_args(argv: list[str] | None) -> Config:
             setattr(cfg, key, getattr(a, key))
     if (a.load and a.quick) or a.load_only:
         cfg.load = True
+    cfg.load_kinds = ("sparse", "full") if a.load_source == "both" else (a.load_source,)
     sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0
                    for n in (cfg.size, cfg.real_size, cfg.load_size, cfg.backup_size))
     if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds) < 1 or not sizes_ok:
