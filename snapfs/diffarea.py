@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import trio
 from bitarray import bitarray
 
+from . import ioprio, workers
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
@@ -156,43 +157,49 @@ class DiffArea:
             raise SnapfsError(errno.EIO, f"snapshot image of {self.name} is corrupted "
                               f"(errno {self.error})")
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, prio: int = 0) -> bytes:
         """Image read: per chunk, the stored old data if copied, else the source.
         Runs of uncopied chunks are read from the source in one call (and read again
         if a chunk of the run was copied meanwhile), and runs of copied chunks whose
-        slots follow each other in the storage in one call."""
+        slots follow each other in the storage in one call. ``prio``: the reader's I/O
+        priority (``ioprio``), carried to the disk reads; the idle class also takes
+        its turn as if the devices were always busy."""
         self.check_usable()
-        end = min(offset + size, self.capacity)
-        parts = []
-        pos = offset
-        cs = self.chunk_size
+        parts: list[bytes] = []
         try:
             with self.storage.in_flight.using():
-                while pos < end:
-                    i = pos // cs
-                    if self.copied[i]:
-                        k = self._stored_run_end(i, (end - 1) // cs)
-                        stop = min(k * cs, end)
-                        data = await self.storage.io.read(self.slots[i] + pos - i * cs, stop - pos,
-                                                          bulk=True)
-                    else:
-                        j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
-                        stop = end if j < 0 else min(j * cs, end)
-                        data = await self.source.io.read(pos, stop - pos, bulk=True)
-                        k = (stop - 1) // cs + 1
-                        pending = self._copy_in_flight(i, k)
-                        if pending is not None:           # a copy (and maybe its write) in flight
-                            await pending.wait()
-                            continue
-                        if self.copied.find(1, i, k) >= 0:   # copied meanwhile: the source may
-                            continue                         # be newer: read again
-                    self.check_usable()
-                    parts.append(data)
-                    pos = stop
+                async with workers.bulk(ioprio.is_idle(prio)):
+                    await self._read_runs(offset, min(offset + size, self.capacity), parts, prio)
+                    await workers.priority.quiet()
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
             raise SnapfsError(errno.EIO, f"reading snapshot image of {self.name}: {exc}") from None
         return b"".join(parts)
+
+    async def _read_runs(self, pos: int, end: int, parts: list, prio: int) -> None:
+        """Image read of [pos, end) into ``parts``, run by run (``read``)."""
+        cs = self.chunk_size
+        while pos < end:
+            i = pos // cs
+            if self.copied[i]:
+                k = self._stored_run_end(i, (end - 1) // cs)
+                stop = min(k * cs, end)
+                data = await self.storage.io.read(self.slots[i] + pos - i * cs, stop - pos,
+                                                  bulk=True, prio=prio)
+            else:
+                j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
+                stop = end if j < 0 else min(j * cs, end)
+                data = await self.source.io.read(pos, stop - pos, bulk=True, prio=prio)
+                k = (stop - 1) // cs + 1
+                pending = self._copy_in_flight(i, k)
+                if pending is not None:           # a copy (and maybe its write) in flight
+                    await pending.wait()
+                    continue
+                if self.copied.find(1, i, k) >= 0:   # copied meanwhile: the source may
+                    continue                         # be newer: read again
+            self.check_usable()
+            parts.append(data)
+            pos = stop
 
     def _stored_run_end(self, i: int, last: int) -> int:
         """The chunk after the run that starts at copied chunk ``i``, ends at ``last``

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 
-from . import aio, workers
+from . import aio, ioprio, workers
 
 PAGE = 4096
 STALL = 0.002       # seconds: an inline write that took longer stalled the loop
@@ -78,27 +78,34 @@ class FileIO:
 
     # ----- reads --------------------------------------------------------------------
 
-    async def read(self, offset: int, size: int, bulk: bool = False) -> bytes:
+    async def read(self, offset: int, size: int, bulk: bool = False, prio: int = 0) -> bytes:
         """``size`` bytes at ``offset`` (OSError on failure or a short read). ``bulk``:
-        a snapshot-image read, which yields to the devices' own I/O
-        (``workers.bulk_slots``) before it waits on the disk."""
+        a snapshot-image read (the caller holds ``workers.bulk``); ``prio``: the I/O
+        priority of the disk read it may cause (``ioprio``; 0: the daemon's)."""
         if self.inline and self.hits.worth_trying():
             data = workers.pread_nowait(self.fd, size, offset)
             self.hits.record(data is not None)
             if data is not None:
                 return data
-        if bulk:
-            async with workers.bulk_slots():
-                return await self._read_miss(offset, size)
-        workers.foreground()
-        return await self._read_miss(offset, size)
+        return await self._read_miss(offset, size, prio)
 
-    async def _read_miss(self, offset: int, size: int) -> bytes:
-        if self.direct_fd is not None and self.inline:
-            data = await aio.pread(self.direct_fd, offset, size)
-            if data is not None:
-                return data
-        return await workers.run(self.pread, offset, size)
+    async def _read_miss(self, offset: int, size: int, prio: int) -> bytes:
+        with workers.priority.waiting():
+            if self.direct_fd is not None and self.inline:
+                data = await aio.pread(self.direct_fd, offset, size, prio)
+                if data is not None:
+                    return data
+            if prio:
+                return await workers.run(self._pread_at, prio, offset, size)
+            return await workers.run(self.pread, offset, size)
+
+    def _pread_at(self, prio: int, offset: int, size: int) -> bytes:
+        """Worker thread: ``pread`` with the thread's I/O priority set to ``prio``."""
+        ioprio.set_current_thread(prio)
+        try:
+            return self.pread(offset, size)
+        finally:
+            ioprio.set_current_thread(0)
 
     # ----- writes -------------------------------------------------------------------
 
@@ -113,8 +120,8 @@ class FileIO:
             return
         self.thread_writes += 1
         try:
-            workers.foreground()
-            await workers.run(self.pwrite, offset, data)
+            with workers.priority.waiting():
+                await workers.run(self.pwrite, offset, data)
         finally:
             self.thread_writes -= 1
 
@@ -124,7 +131,8 @@ class FileIO:
         behind it."""
         self.thread_writes += 1
         try:
-            return await workers.run(fn, *args)
+            with workers.priority.waiting():
+                return await workers.run(fn, *args)
         finally:
             self.thread_writes -= 1
 

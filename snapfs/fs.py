@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import control, workers
+from . import control, ioprio, workers
 from .errors import SnapfsError
 from .namespace import View
 from .registry import Registry
@@ -298,7 +298,7 @@ class ImageFile(Entry):
                      backup=True)
 
     async def open(self, ops, flags, ctx):
-        image = self.snap.image(self.name)
+        image = self.snap.image(self.name, ioprio.of(ctx.pid))
         return BlockHandle(image, lambda: ops.registry.sync_image(image.area))
 
 

@@ -49,12 +49,13 @@ class Image:
     one). Reads: stored old data or the source; writes: only to the storage, marking
     both CBT maps."""
 
-    def __init__(self, tracker: Tracker, area: DiffArea):
+    def __init__(self, tracker: Tracker, area: DiffArea, prio: int = 0):
         self.tracker = tracker
         self.area = area
+        self.prio = prio          # the opener's I/O priority (ioprio), for its reads
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.area.read(offset, size)
+        return await self.area.read(offset, size, self.prio)
 
     async def write(self, offset: int, data) -> int:
         return await self.tracker.image_write(self.area, offset, data)
@@ -120,9 +121,10 @@ class Snapshot:
         self.events.close()
         return self.storage
 
-    def image(self, name: str) -> Image:
-        """The image of member ``name`` (taken snapshots only; KeyError otherwise)."""
-        return Image(self.trackers[name], self.areas[name])
+    def image(self, name: str, prio: int = 0) -> Image:
+        """The image of member ``name`` as read with I/O priority ``prio`` (taken
+        snapshots only; KeyError otherwise)."""
+        return Image(self.trackers[name], self.areas[name], prio)
 
     def error_code(self, name: str) -> int:
         area = self.areas.get(name)

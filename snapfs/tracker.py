@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from . import workers
 from .cbt import CBT
 from .diffarea import DiffArea
 from .errors import SnapfsError
@@ -95,6 +96,10 @@ class Tracker:
     async def write(self, offset: int, data) -> int:
         """Device write (see module docstring). Returns the bytes written."""
         self._check_attached()
+        with workers.priority.request():
+            return await self._write(offset, data)
+
+    async def _write(self, offset: int, data) -> int:
         async with self.gate.admitted():
             n = self._clip(offset, len(data))
             self.cbt.mark(offset, n)
@@ -125,7 +130,8 @@ class Tracker:
         self._check_attached()
         size = max(0, min(size, self.capacity - offset))
         try:
-            return await self.source.io.read(offset, size) if size else b""
+            with workers.priority.request():
+                return await self.source.io.read(offset, size) if size else b""
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
 
@@ -134,7 +140,8 @@ class Tracker:
         waits for no open handle, so the fd stays open)."""
         self._check_attached()
         try:
-            await self.source.io.run(self.source.fsync)
+            with workers.priority.request():
+                await self.source.io.run(self.source.fsync)
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"syncing device {self.name}") from None
 

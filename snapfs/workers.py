@@ -14,13 +14,14 @@ Everything here runs on the trio thread except the functions handed to ``run``.
 """
 
 import collections
+import contextvars
 import errno
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import outcome
 import trio
@@ -32,12 +33,6 @@ async def run(fn: Callable, *args):
     """``fn(*args)`` in a worker thread (at most THREADS at once); its result, or its
     exception raised here."""
     return await _pool.run(fn, *args)
-
-
-def foreground() -> None:
-    """Device I/O is waiting on the disk now (``bulk_slots`` yields to it)."""
-    global _last_foreground
-    _last_foreground = time.monotonic()
 
 
 class Pool:
@@ -115,31 +110,114 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
 _scratch = memoryview(bytearray(0))
 
 
-# Image reads that may wait on the disk at once: BULK_IDLE, and BULK_BUSY while the
-# devices have had I/O waiting on the disk (a worker thread or an AIO read) within the
-# last FOREGROUND_WINDOW seconds.
-# A backup copy of an image streams large reads (the kernel's read-ahead keeps many in
-# flight); unbounded, they fill the thread pool and the disk queue, and the workload's
-# own requests on the devices wait behind them (measured: docs/performance.md).
+# The devices' requests before the images' (docs/concurrency.md rule 4). A backup copy
+# of an image streams large reads (the kernel's read-ahead keeps several in flight);
+# unbounded, they fill the thread pool, the disk queue and the trio thread, and the
+# workload's own requests on the devices wait behind them (docs/performance.md). So:
+# image reads at once: BULK_IDLE, and BULK_BUSY while the devices had a request within
+# the last DEVICE_WINDOW seconds; an image read does its work on the trio thread (its
+# start, and the reply once its data is in) only while no device request is ready to
+# run there, or after waiting QUIET_LIMIT for that (so a busy loop still copies);
+# and while the devices are busy, each image read keeps its slot for a pause of YIELD
+# times its own duration (at most MAX_PAUSE) after it, so image reads take at most
+# 1 / (1 + YIELD) of the loop and the disk, and requests that queue behind them wait
+# parked in the daemon, not in the kernel's queue ahead of the next device request.
 BULK_IDLE = 4
 BULK_BUSY = 1
-FOREGROUND_WINDOW = 0.1
+DEVICE_WINDOW = 0.1
+QUIET_LIMIT = 0.02
+YIELD = 0.5
+MAX_PAUSE = 0.02
 _bulk = trio.lowlevel.RunVar("snapfs_bulk_slots")
-_last_foreground = -1e9
+_in_device_request: contextvars.ContextVar[bool] = contextvars.ContextVar("snapfs_device_request",
+                                                                         default=False)
 
 
-def bulk_slots() -> trio.CapacityLimiter:
-    """This run's limiter for image reads that need a thread, sized for now: BULK_BUSY
-    slots while the devices are busy, BULK_IDLE otherwise (a smaller size applies to
-    new reads; reads holding a slot finish)."""
+class Priority:
+    """The devices' requests before the images' (trio thread only). ``ready``: device
+    requests in a handler and not waiting on I/O, i.e. wanting the trio thread;
+    ``last``: when one last began or resumed."""
+
+    def __init__(self) -> None:
+        self.ready = 0
+        self.last = -1e9
+        self._quiet: trio.Event | None = None
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around a device request's handler."""
+        token = _in_device_request.set(True)
+        self._up()
+        try:
+            yield
+        finally:
+            self._down()
+            _in_device_request.reset(token)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around an I/O wait (AIO, a worker thread); counts only inside ``request``."""
+        if not _in_device_request.get():
+            yield
+            return
+        self._down()
+        try:
+            yield
+        finally:
+            self._up()
+
+    def busy(self) -> bool:
+        return self.ready > 0 or time.monotonic() - self.last < DEVICE_WINDOW
+
+    async def quiet(self) -> None:
+        """Return once no device request is ready, or after QUIET_LIMIT."""
+        if not self.ready:
+            return
+        with trio.move_on_after(QUIET_LIMIT):
+            while self.ready:
+                if self._quiet is None:
+                    self._quiet = trio.Event()
+                await self._quiet.wait()
+
+    def _up(self) -> None:
+        self.ready += 1
+        self.last = time.monotonic()
+
+    def _down(self) -> None:
+        self.ready -= 1
+        if not self.ready and self._quiet is not None:
+            self._quiet.set()
+            self._quiet = None
+
+
+priority = Priority()
+
+
+def bulk_slots(busy: bool) -> trio.CapacityLimiter:
+    """This run's limiter for image reads, sized for now: BULK_BUSY slots while the
+    devices are ``busy``, BULK_IDLE otherwise (a smaller size applies to new reads;
+    reads holding a slot finish)."""
     try:
         limiter = _bulk.get()
     except LookupError:
         limiter = trio.CapacityLimiter(BULK_IDLE)
         _bulk.set(limiter)
-    busy = time.monotonic() - _last_foreground < FOREGROUND_WINDOW
     limiter.total_tokens = BULK_BUSY if busy else BULK_IDLE
     return limiter
+
+
+@asynccontextmanager
+async def bulk(idle: bool = False) -> AsyncIterator[None]:
+    """One image read's turn: a slot of ``bulk_slots``, then ``priority.quiet``; after
+    the read, while the devices are busy, the pause (not after a failed read). The
+    reader calls ``priority.quiet`` again before it returns its data. ``idle``: a
+    reader of the idle I/O class, treated as if the devices were always busy."""
+    async with bulk_slots(idle or priority.busy()):
+        await priority.quiet()
+        t0 = time.monotonic()
+        yield
+        if idle or priority.busy():
+            await trio.sleep(min((time.monotonic() - t0) * YIELD, MAX_PAUSE))
 
 
 class InFlight:

@@ -318,11 +318,13 @@ def load_table(res, cfg: Config) -> str:
              f"{cfg.load_rounds} round(s), medians of rounds", "",
              "| measure | unit | median | samples |", "|---|---|---|---|"]
     for row in LOAD_ROWS:
+        if not row.key.startswith(tuple(f"load_{kind}_" for kind in cfg.load_kinds)):
+            continue
         samples = ", ".join(f"{v:.1f}" for v in res.samples.get(row.key, {}).get("snapfs", []))
         value = "fail" if med[row.key] is None else f"{med[row.key]:.1f}"
         lines.append(f"| {row.label} | {row.unit} | {value} | {samples} |")
     lines.append("")
-    lines += [target_line(res, med, kind, copy) for kind in KINDS for copy in ("image", "backup")]
+    lines += [target_line(res, med, kind, copy) for kind in cfg.load_kinds for copy in ("image", "backup")]
     return "\n".join(lines)
 
 
