@@ -143,28 +143,13 @@ class Priority:
         self.last = -1e9
         self._quiet: trio.Event | None = None
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        """Around a device request's handler."""
-        token = _in_device_request.set(True)
-        self._up()
-        try:
-            yield
-        finally:
-            self._down()
-            _in_device_request.reset(token)
+    def request(self) -> "_Request":
+        """Around a device request's handler (``with``)."""
+        return _Request(self)
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> "_Waiting":
         """Around an I/O wait (AIO, a worker thread); counts only inside ``request``."""
-        if not _in_device_request.get():
-            yield
-            return
-        self._down()
-        try:
-            yield
-        finally:
-            self._up()
+        return _Waiting(self)
 
     def busy(self) -> bool:
         return self.ready > 0 or time.monotonic() - self.last < DEVICE_WINDOW
@@ -188,6 +173,41 @@ class Priority:
         if not self.ready and self._quiet is not None:
             self._quiet.set()
             self._quiet = None
+
+
+class _Request:
+    """``Priority.request``: a class, not a generator: it runs on every device request."""
+
+    __slots__ = ("priority", "token")
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+
+    def __enter__(self) -> None:
+        self.token = _in_device_request.set(True)
+        self.priority._up()
+
+    def __exit__(self, *exc) -> None:
+        self.priority._down()
+        _in_device_request.reset(self.token)
+
+
+class _Waiting:
+    """``Priority.waiting``."""
+
+    __slots__ = ("counted", "priority")
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+
+    def __enter__(self) -> None:
+        self.counted = _in_device_request.get()
+        if self.counted:
+            self.priority._down()
+
+    def __exit__(self, *exc) -> None:
+        if self.counted:
+            self.priority._up()
 
 
 priority = Priority()
