@@ -1,9 +1,6 @@
 """Reads that wait for the disk without a thread: O_DIRECT reads submitted with Linux
 native AIO (``io_submit``, the ``libaio`` package) from the trio thread, completed
-through an eventfd that one reaper task per trio run watches. A read that is the only
-one in flight while the loop has nothing else to do first polls for its completion for
-up to ``POLL`` (a disk read takes about that long; sleeping until the eventfd wakes
-the loop costs a wake-up on top).
+through an eventfd that one reaper task per trio run watches.
 
 Why not worker threads for them: with 16 readers of an uncached device the trio thread
 and the worker threads take turns on the GIL, and every hand-off costs the one request
@@ -32,7 +29,6 @@ import errno
 import logging
 import mmap
 import os
-import time
 
 import outcome
 import trio
@@ -51,10 +47,6 @@ PIECE = 256 * 1024      # a larger read is split: a request that the block layer
                         # have to split answers EAGAIN under RWF_NOWAIT (a loop device
                         # takes 128 segments: 512 KiB of scattered pages)
 MAX_IN_FLIGHT = 256     # pieces submitted at once per trio run; more go to threads
-POLL = 150e-6           # seconds a read polls for its completion when it is the only read
-                        # in flight and at most two tasks are runnable (pyfuse3's next
-                        # reader among them), instead of sleeping until the eventfd
-                        # wakes the loop
 _POOLED = 32            # idle buffers kept per size
 _IOCB_FLAG_RESFD = 1    # completion bumps the eventfd in ``resfd``
 _IOCB_FLAG_IOPRIO = 2   # the read carries the I/O priority in ``aio_reqprio``
@@ -62,18 +54,16 @@ _NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.EINTR)   # answ
 
 
 class _Read:
-    """One ``pread`` in flight: its task, pieces not yet completed, ``status``: 0
-    while every completed piece read all its bytes, else the first failure (-errno, or
-    the short count), and ``polling``: its task is polling for it (not parked, so
-    nothing is to be rescheduled)."""
+    """One ``pread`` in flight: its task, pieces not yet completed, and ``status``:
+    0 while every completed piece read all its bytes, else the first failure
+    (-errno, or the short count)."""
 
-    __slots__ = ("left", "polling", "status", "task")
+    __slots__ = ("left", "status", "task")
 
     def __init__(self, task, left: int) -> None:
         self.task = task
         self.left = left
         self.status = 0
-        self.polling = False
 
 
 class _Slot:
@@ -181,20 +171,8 @@ class _Ring:
             if ev.res != slot.iocb.u.c.nbytes and read.status == 0:
                 read.status = ev.res if ev.res < 0 else -errno.EAGAIN
             read.left -= 1
-            if read.left == 0 and not read.polling:
+            if read.left == 0:
                 trio.lowlevel.reschedule(read.task, outcome.Value(read.status))
-
-    def poll(self, read: _Read, limit: float) -> None:
-        """Take completions without waiting until ``read`` is complete or ``limit``
-        seconds passed (others' completions are handed to their tasks on the way)."""
-        read.polling = True
-        deadline = time.perf_counter() + limit
-        now = ctypes.byref(self.now)
-        try:
-            while read.left and time.perf_counter() < deadline:
-                self.deliver(now)
-        finally:
-            read.polling = False
 
     async def reap(self) -> None:
         """System task: hand completions to their tasks. At the end of the run (this
@@ -279,12 +257,7 @@ async def pread(fd: int, offset: int, size: int, ioprio: int = 0) -> bytes | Non
         read = ring.submit(fd, buf, offset, size, ioprio)
         if read is None:
             return None
-        if POLL and ring.busy == read.left and trio.lowlevel.current_statistics().tasks_runnable <= 2:
-            ring.poll(read, POLL)
-        if read.left:
-            status = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        else:                             # polled to completion: no round through the loop
-            status = read.status
+        status = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         if status == 0:
             return buf[:size]
         if -status in _NOT_HERE:
