@@ -14,6 +14,8 @@ import zstandard
 
 from .repo import STORED, ZERO, ZSTD, Damaged, Repo, decode_chunk
 
+SAMPLE_PIECES, SAMPLE_PIECE = 16, 4 << 10     # the compressibility sample of a chunk
+
 
 def digest_of(data) -> bytes:
     """The chunk name: BLAKE3-256 of ``data``."""
@@ -28,6 +30,13 @@ def _zeros(length: int) -> bytes:
 
 def is_zero(data) -> bool:
     return data == _zeros(len(data))
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    """The digest of ``length`` zero bytes: a chunk that hashes to it is all zeros
+    (BLAKE3 is collision resistant), so the zero test costs nothing beyond the hash."""
+    return digest_of(_zeros(length))
 
 
 class ChunkStore:
@@ -48,22 +57,33 @@ class ChunkStore:
         return ctx
 
     def put(self, digest: bytes, data) -> int:
-        """Store ``data`` under ``digest`` unless the repository has it; the bytes
-        written (0 when it was there already)."""
+        """Store ``data`` (any buffer; not kept) under ``digest`` unless the repository
+        has it; the bytes written (0 when it was there already)."""
         with self._lock:
             if digest in self._claimed:
                 return 0
             self._claimed.add(digest)
         if self.repo.has_chunk(digest):
             return 0
-        payload = self._zstd()[0].compress(data)
-        compression = ZSTD
-        if len(payload) >= len(data):
-            payload, compression = bytes(data), STORED
+        payload, compression = data, STORED
+        if self.compressible(data):
+            packed = self._zstd()[0].compress(data)
+            if len(packed) < len(data):
+                payload, compression = packed, ZSTD
         directory = self.repo.write_chunk(digest, compression, len(data), payload)
         with self._lock:
             self.dirs.add(directory)
         return len(payload) + 16
+
+    def compressible(self, data) -> bool:
+        """False when SAMPLE_PIECES pieces spread over ``data`` do not shrink by 3%
+        under zstd together (random or already compressed data: borg's ``auto`` and
+        PBS test a sample too); small chunks are always compressed."""
+        step = len(data) // SAMPLE_PIECES
+        if step < 4 * SAMPLE_PIECE:
+            return True
+        sample = b"".join(data[i * step:i * step + SAMPLE_PIECE] for i in range(SAMPLE_PIECES))
+        return len(self._zstd()[0].compress(sample)) < 0.97 * len(sample)
 
     def sync(self) -> None:
         """fsync the directories chunks were renamed into (before the manifest)."""
@@ -76,7 +96,22 @@ class ChunkStore:
     def get(self, digest: bytes, length: int | None = None) -> bytes:
         """The plaintext of a chunk, checked: CRC of the stored bytes, decompression,
         length, and the digest recomputed. Damaged(reason) otherwise."""
-        compression, plain_len, payload = decode_chunk(self.repo.read_chunk_file(digest))
+        return self.load(digest, length)[0]
+
+    def load_into(self, digest: bytes, view: memoryview) -> int:
+        """Fill ``view`` with the plaintext of chunk ``digest`` (ZERO: zeros), checked
+        as ``get`` checks it; the bytes read from the repository."""
+        if digest == ZERO:
+            view[:] = _zeros(len(view))
+            return 0
+        data, stored = self.load(digest, len(view))
+        view[:] = data
+        return stored
+
+    def load(self, digest: bytes, length: int | None = None) -> tuple[bytes, int]:
+        """(``get``'s plaintext, the size of the chunk file read)."""
+        raw = self.repo.read_chunk_file(digest)
+        compression, plain_len, payload = decode_chunk(raw)
         if compression == ZSTD:
             try:
                 data = self._zstd()[1].decompress(payload, max_output_size=plain_len)
@@ -88,7 +123,7 @@ class ChunkStore:
             raise Damaged(f"chunk holds {len(data)} bytes, expected {length or plain_len}")
         if digest_of(data) != digest:
             raise Damaged("chunk content does not match its digest")
-        return data
+        return data, len(raw)
 
     def zero_or_get(self, digest: bytes, length: int) -> bytes:
         return bytes(length) if digest == ZERO else self.get(digest, length)

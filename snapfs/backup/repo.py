@@ -69,9 +69,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -85,6 +87,7 @@ DIGEST_SIZE = 32
 ZERO = bytes(DIGEST_SIZE)                # the index entry of an all-zero chunk
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 64 << 10, 64 << 20
+ALIGN = 4096                             # O_DIRECT writes of chunk files: offsets and lengths
 
 CHUNK_MAGIC = b"SBC1"
 CHUNK_HEADER = struct.Struct("<4sB3xII")     # magic, compression, plaintext length, crc32
@@ -107,9 +110,9 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
-def encode_chunk(compression: int, plain_len: int, payload: bytes) -> bytes:
-    """A chunk file's bytes: header + payload."""
-    return CHUNK_HEADER.pack(CHUNK_MAGIC, compression, plain_len, zlib.crc32(payload)) + payload
+def chunk_header(compression: int, plain_len: int, payload) -> bytes:
+    """The 16-byte header of a chunk file whose payload is ``payload`` (any buffer)."""
+    return CHUNK_HEADER.pack(CHUNK_MAGIC, compression, plain_len, zlib.crc32(payload))
 
 
 def decode_chunk(raw: bytes) -> tuple[int, int, memoryview]:
@@ -145,6 +148,14 @@ def decode_index(raw: bytes, digest_of) -> tuple[int, int, bytes]:
     return size, chunk_size, digests
 
 
+def write_parts(fd: int, parts) -> None:
+    """Write every buffer of ``parts``, in order, at the file position."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -174,6 +185,8 @@ class Repo:
             raise SnapfsError(errno.EPROTO, f"{self.path} is encrypted; this version cannot read it")
         self.chunk_size = int(self.config["chunk_size"])
         self.zstd_level = int(self.config["compression"]["level"])
+        self._local = threading.local()
+        self.direct_writes = True            # until the filesystem refuses O_DIRECT
 
     @classmethod
     def init(cls, path: str, chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3) -> "Repo":
@@ -226,21 +239,58 @@ class Repo:
     def tmp_name(self, hint: str) -> str:
         return self.p("tmp", f"{hint}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
 
-    def write_atomic(self, final: str, data: bytes, sync_dir: bool = True) -> None:
-        """Write ``data`` to a temporary file, fsync it, rename it to ``final`` (and
-        fsync its directory unless the caller batches that)."""
+    def write_atomic(self, final: str, *parts, sync_dir: bool = True) -> None:
+        """Write ``parts`` (buffers, in order) to a temporary file, fsync it, rename it
+        to ``final`` (and fsync its directory unless the caller batches that)."""
         tmp = self.tmp_name(os.path.basename(final))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_parts(fd, parts)
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._commit(tmp, final, sync_dir)
+
+    def _commit(self, tmp: str, final: str, sync_dir: bool) -> None:
         os.rename(tmp, final)
         if sync_dir:
             fsync_dir(os.path.dirname(final))
+
+    def _write_direct(self, tmp: str, view: memoryview, length: int) -> bool:
+        """Write ``view[:length]`` (``view`` page-aligned and padded to ALIGN) to a new
+        file with O_DIRECT, cut it to ``length``, fsync it; False (nothing left behind)
+        where the filesystem refuses O_DIRECT (tmpfs), and from then on."""
+        if not self.direct_writes:
+            return False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct_writes = False
+            return False
+        try:
+            write_parts(fd, [view[:-(-length // ALIGN) * ALIGN]])
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        except OSError as exc:
+            os.unlink(tmp)
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct_writes = False
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _staging(self, length: int) -> memoryview:
+        """This thread's page-aligned buffer for a chunk file, padded to ALIGN."""
+        view = getattr(self._local, "staging", None)
+        if view is None or len(view) < length:
+            size = max(length, self.chunk_size + CHUNK_HEADER.size + ALIGN)
+            view = self._local.staging = memoryview(mmap.mmap(-1, -(-size // ALIGN) * ALIGN))
+        return view
 
     def clear_tmp(self) -> None:
         """Remove what interrupted writers left in tmp/ (call holding the writer lock)."""
@@ -257,13 +307,24 @@ class Repo:
     def has_chunk(self, digest: bytes) -> bool:
         return os.path.exists(self.chunk_path(digest))
 
-    def write_chunk(self, digest: bytes, compression: int, plain_len: int, payload: bytes) -> str:
+    def write_chunk(self, digest: bytes, compression: int, plain_len: int, payload) -> str:
         """Store a chunk file (fsynced; its directory is returned for the caller to
-        fsync once, before the manifest that references it is written)."""
+        fsync once, before the manifest that references it is written). ``payload``
+        is any buffer; header and payload are copied into a page-aligned buffer and
+        written with O_DIRECT where the filesystem allows it (no page cache to fill
+        and write back: a backup writes as much as it reads)."""
         final = self.chunk_path(digest)
         directory = os.path.dirname(final)
         os.makedirs(directory, exist_ok=True)
-        self.write_atomic(final, encode_chunk(compression, plain_len, payload), sync_dir=False)
+        header = chunk_header(compression, plain_len, payload)
+        length = len(header) + len(payload)
+        view = self._staging(length + ALIGN)
+        view[:len(header)], view[len(header):length] = header, payload
+        tmp = self.tmp_name(os.path.basename(final))
+        if self._write_direct(tmp, view, length):
+            self._commit(tmp, final, sync_dir=False)
+        else:
+            self.write_atomic(final, view[:length], sync_dir=False)
         return directory
 
     def read_chunk_file(self, digest: bytes) -> bytes:
