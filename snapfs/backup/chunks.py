@@ -96,34 +96,49 @@ class ChunkStore:
     def get(self, digest: bytes, length: int | None = None) -> bytes:
         """The plaintext of a chunk, checked: CRC of the stored bytes, decompression,
         length, and the digest recomputed. Damaged(reason) otherwise."""
-        return self.load(digest, length)[0]
+        return bytes(self.load(digest, length)[0])
 
     def load_into(self, digest: bytes, view: memoryview) -> int:
-        """Fill ``view`` with the plaintext of chunk ``digest`` (ZERO: zeros), checked
-        as ``get`` checks it; the bytes read from the repository."""
-        if digest == ZERO:
-            view[:] = _zeros(len(view))
-            return 0
+        """Fill ``view`` with the plaintext of chunk ``digest``, checked as ``get``
+        checks it; the bytes read from the repository."""
         data, stored = self.load(digest, len(view))
         view[:] = data
         return stored
 
-    def load(self, digest: bytes, length: int | None = None) -> tuple[bytes, int]:
-        """(``get``'s plaintext, the size of the chunk file read)."""
+    def load(self, digest: bytes, length: int | None = None) -> tuple[memoryview, int]:
+        """(``get``'s plaintext, in a page-aligned buffer of this thread that is valid
+        until its next load; the size of the chunk file read). ZERO (``length``
+        given): zeros, nothing read."""
+        if digest == ZERO:
+            view = self.repo.buffers.get("plain", length)
+            view[:] = _zeros(length)
+            return view, 0
         raw = self.repo.read_chunk_file(digest)
         compression, plain_len, payload = decode_chunk(raw)
-        if compression == ZSTD:
-            try:
-                data = self._zstd()[1].decompress(payload, max_output_size=plain_len)
-            except zstandard.ZstdError as exc:
-                raise Damaged(f"chunk does not decompress: {exc}") from None
+        if length is not None and plain_len != length:
+            raise Damaged(f"chunk holds {plain_len} bytes, expected {length}")
+        if compression == STORED:
+            data = payload
+        elif plain_len > self.repo.chunk_size:
+            raise Damaged(f"chunk claims {plain_len} bytes, more than a chunk")
         else:
-            data = bytes(payload)
-        if len(data) != plain_len or (length is not None and plain_len != length):
-            raise Damaged(f"chunk holds {len(data)} bytes, expected {length or plain_len}")
+            data = self.decompress(payload, self.repo.buffers.get("plain", plain_len))
+        if len(data) != plain_len:
+            raise Damaged(f"chunk holds {len(data)} bytes, expected {plain_len}")
         if digest_of(data) != digest:
             raise Damaged("chunk content does not match its digest")
         return data, len(raw)
 
-    def zero_or_get(self, digest: bytes, length: int) -> bytes:
-        return bytes(length) if digest == ZERO else self.get(digest, length)
+    def decompress(self, payload, out: memoryview) -> memoryview:
+        """Decompress the zstd frame ``payload`` into ``out`` (no allocation of a chunk:
+        a stream read into a reused buffer); the part filled. Damaged if the frame is
+        corrupt or holds more than ``out``."""
+        try:
+            reader, done = self._zstd()[1].stream_reader(payload), 0
+            while done < len(out) and (got := reader.readinto(out[done:])):
+                done += got
+            if reader.read(1):
+                raise Damaged("chunk decompresses to more than its recorded length")
+        except zstandard.ZstdError as exc:
+            raise Damaged(f"chunk does not decompress: {exc}") from None
+        return out[:done]

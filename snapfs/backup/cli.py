@@ -77,8 +77,9 @@ def cmd_create(args) -> int:
     took = manifest["stats"]["duration"]
     lines = [f"point {manifest['point']} ({manifest['consistency']}) in {took:.1f} s"]
     for name, d in devices.items():
-        lines.append(f"  {name}: {d['mode']}, read {human(d['bytes_read'])} of {human(d['size'])}, "
-                     f"new {human(d['bytes_new'])} ({d['chunks_new']} chunks)"
+        lines.append(f"  {name}: {d['mode']}, read {human(d['bytes_read'])} of {human(d['size'])} "
+                     f"(and {human(d['repo_bytes_read'])} of the repository: {d['chunks_rebuilt']} "
+                     f"chunks rebuilt), new {human(d['bytes_new'])} ({d['chunks_new']} chunks)"
                      + (f" -- {d['reason']}" if d["reason"] else ""))
     emit(args, manifest, "\n".join(lines))
     mismatched = any(d["audit"] and d["audit"]["mismatches"] for d in devices.values())
@@ -90,7 +91,8 @@ def point_row(m: dict) -> list:
     modes = {d["mode"] for d in devices}
     return [m["point"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["unix_time"])),
             ",".join(sorted(m["devices"])), human(sum(d["size"] for d in devices)),
-            human(m["stats"]["bytes_read"]), human(m["stats"]["bytes_new"]),
+            human(m["stats"]["bytes_read"]), human(m["stats"].get("repo_bytes_read", 0)),
+            human(m["stats"]["bytes_new"]),
             f"{m['stats']['duration']:.1f}s", "/".join(sorted(modes)), m["consistency"]]
 
 
@@ -100,11 +102,12 @@ def cmd_list(args) -> int:
     points = Repo(args.repo).points()
     if args.json:
         emit(args, [{k: m[k] for k in ("point", "time", "consistency", "stats")}
-                    | {"devices": {n: {k: d[k] for k in ("size", "mode", "reason", "bytes_read", "bytes_new")}
+                    | {"devices": {n: {k: d.get(k, 0) for k in ("size", "mode", "reason", "bytes_read",
+                                                                "repo_bytes_read", "bytes_new")}
                                    for n, d in m["devices"].items()}} for m in points], "")
         return output.OK
-    print(table(["POINT", "TIME", "DEVICES", "SIZE", "READ", "NEW", "TOOK", "MODE", "CONSISTENCY"],
-                [point_row(m) for m in points], right={3, 4, 5, 6}))
+    print(table(["POINT", "TIME", "DEVICES", "SIZE", "READ", "REPO READ", "NEW", "TOOK", "MODE",
+                 "CONSISTENCY"], [point_row(m) for m in points], right={3, 4, 5, 6, 7}))
     return output.OK
 
 
@@ -120,11 +123,11 @@ def cmd_info(args) -> int:
           + f"  snapfs {m['tool_version']}, chunk {human(m['chunk_size'])}, "
           f"took {m['stats']['duration']:.1f} s")
     rows = [[n, human(d["size"]), d["mode"], d["parent"] or "-", human(d["bytes_read"]),
-             human(d["bytes_new"]),
+             human(d.get("repo_bytes_read", 0)), d.get("chunks_rebuilt", 0), human(d["bytes_new"]),
              d["chunks"], d["zero_chunks"], f"{d['cbt']['generation_id'][:8]}/{d['cbt']['changes_number']}",
              d["reason"] or ""] for n, d in sorted(m["devices"].items())]
-    print(table(["DEVICE", "SIZE", "MODE", "PARENT", "READ", "NEW", "CHUNKS", "ZERO", "CBT", "WHY FULL"],
-                rows, right={1, 4, 5, 6, 7}))
+    print(table(["DEVICE", "SIZE", "MODE", "PARENT", "READ", "REPO READ", "REBUILT", "NEW", "CHUNKS",
+                 "ZERO", "CBT", "WHY FULL"], rows, right={1, 4, 5, 6, 7, 8, 9}))
     return output.OK
 
 

@@ -16,10 +16,8 @@ it alive; ``lease.json`` names it, and the next writer on the repository destroy
 
 import contextlib
 import errno
-import mmap
 import os
 import random
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -119,8 +117,7 @@ class Chunk:
 class DeviceReader:
     """Reads chunks of one snapshot image in worker threads: hash, zero test, store.
 
-    Each thread reads into its own page-aligned buffer of one chunk (O_DIRECT needs
-    the alignment; reuse spares an allocation and its page faults per chunk). A chunk
+    Each thread reads into its own page-aligned buffer of one chunk (repo.buffers). A chunk
     with CBT pieces that do not cover it is rebuilt: the parent point's chunk from the
     repository (checked as restore checks it), the changed pieces from the image over
     it; an unreadable parent chunk means a whole read of the chunk instead."""
@@ -129,7 +126,6 @@ class DeviceReader:
         self.image, self.size, self.store, self.workers = image, size, store, workers
         self.chunk_size = store.repo.chunk_size
         self.fd = open_image(image)
-        self._local = threading.local()
         self.stats = dict(chunks_read=0, bytes_read=0, repo_bytes_read=0, chunks_rebuilt=0,
                           parents_unreadable=0, chunks_new=0, bytes_new=0, plain_new=0)
 
@@ -141,10 +137,7 @@ class DeviceReader:
 
     def buffer(self, length: int) -> memoryview:
         """This thread's chunk buffer, ``length`` bytes of it."""
-        view = getattr(self._local, "view", None)
-        if view is None:
-            view = self._local.view = memoryview(mmap.mmap(-1, self.chunk_size))
-        return view[:length]
+        return self.store.repo.buffers.get("image", length)
 
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from the image at ``offset``; EIO on a read past its end."""
@@ -353,7 +346,7 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
         devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
     store.sync()
     totals = {k: sum(d[k] for d in devices.values())
-              for k in ("bytes_read", "bytes_new", "plain_new", "chunks_new")}
+              for k in ("bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new")}
     manifest = {
         "format": 1, "point": point, "unix_time": started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

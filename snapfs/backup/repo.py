@@ -54,9 +54,21 @@ with ``-N`` appended when that name is taken)::
      "devices": {NAME: {"size", "index", "index_digest", "chunks", "zero_chunks",
                         "cbt": {"generation_id", "changes_number", "block_size"},
                         "mode": "full" | "incremental", "reason": why (full reads), "parent": POINT | null,
-                        "chunks_read", "bytes_read", "chunks_new", "bytes_new" (stored, compressed),
+                        "chunks_read", "bytes_read" (from the snapshot image, audit included),
+                        "repo_bytes_read" (chunk files read to rebuild chunks), "chunks_rebuilt",
+                        "parents_unreadable", "chunks_new", "bytes_new" (stored, compressed),
                         "plain_new", "audit": {"sampled", "mismatches": [offsets]} | null}},
-     "stats": {"bytes_read", "bytes_new", "plain_new", "chunks_new", "duration"}}
+     "stats": {"bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new", "duration"}}
+
+A rebuilt chunk (an incremental where CBT marked only some blocks of a chunk): the
+parent point's chunk read from this repository and checked, the changed blocks read
+from the snapshot image over it; it is then hashed and stored like any other chunk,
+so the files above do not say how a chunk was made.
+
+Compatibility: version 1 was extended, not bumped. "repo_bytes_read", "chunks_rebuilt"
+and "parents_unreadable" came with rebuilt chunks (issue 21); manifests written
+before lack them and read as 0. Nothing else changed, and readers ignore keys they do
+not know, so older and newer tools read each other's repositories.
 
 Encryption is not built. Room for it: ``config["encryption"]`` is null; a future
 version puts a key-derivation section there (algorithm, salt, parameters, a wrapped
@@ -115,7 +127,7 @@ def chunk_header(compression: int, plain_len: int, payload) -> bytes:
     return CHUNK_HEADER.pack(CHUNK_MAGIC, compression, plain_len, zlib.crc32(payload))
 
 
-def decode_chunk(raw: bytes) -> tuple[int, int, memoryview]:
+def decode_chunk(raw) -> tuple[int, int, memoryview]:
     """(compression, plaintext length, payload) of a chunk file; Damaged if the header
     or the CRC of the stored bytes is wrong."""
     if len(raw) < CHUNK_HEADER.size:
@@ -146,6 +158,23 @@ def decode_index(raw: bytes, digest_of) -> tuple[int, int, bytes]:
             or len(digests) != count * DIGEST_SIZE or digest_of(digests) != check):
         raise Damaged("index file is damaged")
     return size, chunk_size, digests
+
+
+class ThreadBuffers:
+    """Page-aligned buffers of one size, one per thread and name (O_DIRECT needs the
+    alignment; reusing a buffer spares an allocation of a chunk and its page faults,
+    which cost more than hashing it). A view is valid until its thread asks again."""
+
+    def __init__(self, size: int):
+        self.size = -(-size // ALIGN) * ALIGN
+        self._local = threading.local()
+
+    def get(self, name: str, length: int) -> memoryview:
+        view = getattr(self._local, name, None)
+        if view is None:
+            view = memoryview(mmap.mmap(-1, self.size))
+            setattr(self._local, name, view)
+        return view[:length]
 
 
 def write_parts(fd: int, parts) -> None:
@@ -185,7 +214,8 @@ class Repo:
             raise SnapfsError(errno.EPROTO, f"{self.path} is encrypted; this version cannot read it")
         self.chunk_size = int(self.config["chunk_size"])
         self.zstd_level = int(self.config["compression"]["level"])
-        self._local = threading.local()
+        # a chunk, or a chunk file padded for O_DIRECT
+        self.buffers = ThreadBuffers(self.chunk_size + CHUNK_HEADER.size + ALIGN)
         self.direct_writes = True            # until the filesystem refuses O_DIRECT
 
     @classmethod
@@ -284,14 +314,6 @@ class Repo:
             os.close(fd)
         return True
 
-    def _staging(self, length: int) -> memoryview:
-        """This thread's page-aligned buffer for a chunk file, padded to ALIGN."""
-        view = getattr(self._local, "staging", None)
-        if view is None or len(view) < length:
-            size = max(length, self.chunk_size + CHUNK_HEADER.size + ALIGN)
-            view = self._local.staging = memoryview(mmap.mmap(-1, -(-size // ALIGN) * ALIGN))
-        return view
-
     def clear_tmp(self) -> None:
         """Remove what interrupted writers left in tmp/ (call holding the writer lock)."""
         for name in os.listdir(self.p("tmp")):
@@ -318,7 +340,7 @@ class Repo:
         os.makedirs(directory, exist_ok=True)
         header = chunk_header(compression, plain_len, payload)
         length = len(header) + len(payload)
-        view = self._staging(length + ALIGN)
+        view = self.buffers.get("staging", self.buffers.size)
         view[:len(header)], view[len(header):length] = header, payload
         tmp = self.tmp_name(os.path.basename(final))
         if self._write_direct(tmp, view, length):
@@ -327,12 +349,27 @@ class Repo:
             self.write_atomic(final, view[:length], sync_dir=False)
         return directory
 
-    def read_chunk_file(self, digest: bytes) -> bytes:
+    def read_chunk_file(self, digest: bytes) -> memoryview:
+        """The bytes of a chunk file, in this thread's "file" buffer, placed so that
+        the payload is page-aligned (restore writes it with O_DIRECT)."""
         try:
-            with open(self.chunk_path(digest), "rb") as f:
-                return f.read()
+            fd = os.open(self.chunk_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Damaged("chunk file is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size > CHUNK_HEADER.size + self.chunk_size:
+                raise Damaged(f"chunk file holds {size} bytes, more than a chunk")
+            skip = ALIGN - CHUNK_HEADER.size         # so that the payload starts page-aligned
+            view, done = self.buffers.get("file", skip + size)[skip:], 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], done)
+                if not got:
+                    raise Damaged("chunk file shrank while read")
+                done += got
+            return view
+        finally:
+            os.close(fd)
 
     def chunk_files(self):
         """(digest, path, size) of every chunk file."""
