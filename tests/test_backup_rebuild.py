@@ -68,11 +68,14 @@ def test_rebuilt_chunks_restore_exactly_and_read_only_changed_blocks(mounter, tm
         assert dev["bytes_read"] == block_bytes(blocks), "the image is read for the changed blocks only"
         assert dev["chunks_rebuilt"] >= 1 and dev["repo_bytes_read"] > 0, dev
         assert dev["parents_unreadable"] == 0
+        assert set(dev["seconds"]) == {"image", "repository", "hash", "store"}
+        assert dev["seconds"]["repository"] > 0 and dev["seconds"]["image"] > 0
         expected[ok("list", repo)[-1]["point"]] = want
     listing = ok("list", repo)
     assert [p["point"] for p in listing] == list(expected)
     assert listing[-1]["devices"]["d0"]["repo_bytes_read"] == listing[-1]["stats"]["repo_bytes_read"] > 0
-    assert "REPO READ" in backup("info", repo, "latest").stdout
+    info = backup("info", repo, "latest").stdout
+    assert "REPO READ" in info and "worker seconds: image" in info, info
     for point, want in expected.items():
         assert restore_sha(repo, point, "d0", tmp_path / "r.img") == want, point
     assert ok("verify", repo)["ok"]

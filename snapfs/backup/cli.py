@@ -128,6 +128,10 @@ def cmd_info(args) -> int:
              d["reason"] or ""] for n, d in sorted(m["devices"].items())]
     print(table(["DEVICE", "SIZE", "MODE", "PARENT", "READ", "REPO READ", "REBUILT", "NEW", "CHUNKS",
                  "ZERO", "CBT", "WHY FULL"], rows, right={1, 4, 5, 6, 7, 8, 9}))
+    for n, d in sorted(m["devices"].items()):
+        if d.get("seconds"):
+            print(f"{n}: worker seconds: " + ", ".join(f"{k} {d['seconds'].get(k, 0):.1f}"
+                                                      for k in ("image", "repository", "hash", "store")))
     return output.OK
 
 

@@ -21,7 +21,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..cbt import changed_runs
@@ -104,7 +104,8 @@ def open_image(image: str) -> int:
 @dataclass
 class Chunk:
     """What reading one chunk did: its digest (or ZERO), bytes read from the image and
-    from the repository, bytes stored, and whether it was rebuilt from its parent."""
+    from the repository, bytes stored, whether it was rebuilt from its parent, and the
+    seconds its stages took (PROFILE's keys)."""
     digest: bytes
     length: int
     device: int
@@ -112,6 +113,11 @@ class Chunk:
     stored: int = 0
     rebuilt: bool = False
     parent_unreadable: bool = False
+    seconds: dict = field(default_factory=dict)
+
+
+# the stages of a chunk, timed in the worker: the manifest's "seconds" (thread-seconds)
+PROFILE = ("image", "repository", "hash", "store")
 
 
 class DeviceReader:
@@ -128,6 +134,7 @@ class DeviceReader:
         self.fd = open_image(image)
         self.stats = dict(chunks_read=0, bytes_read=0, repo_bytes_read=0, chunks_rebuilt=0,
                           parents_unreadable=0, chunks_new=0, bytes_new=0, plain_new=0)
+        self.seconds = dict.fromkeys(PROFILE, 0.0)
 
     def close(self) -> None:
         """Close the image (read-only: an error here, e.g. ENOTCONN from a dead mount,
@@ -157,28 +164,35 @@ class DeviceReader:
         offset = index * self.chunk_size
         view = self.buffer(min(self.chunk_size, self.size - offset))
         changed = sum(n for _, n in pieces) if pieces else len(view)
-        unreadable = False
+        unreadable, started = False, time.perf_counter()
         if changed < len(view):
             try:
                 from_repo = self.store.load_into(parent, view)
             except Damaged:
                 unreadable = True
             else:
+                loaded = time.perf_counter()
                 for start, length in pieces:
                     self.read_into(view[start:start + length], offset + start)
-                return Chunk(b"", len(view), changed, from_repo, rebuilt=True)
+                return Chunk(b"", len(view), changed, from_repo, rebuilt=True, seconds={
+                    "repository": loaded - started, "image": time.perf_counter() - loaded})
+        started = time.perf_counter()
         self.read_into(view, offset)
-        return Chunk(b"", len(view), len(view), parent_unreadable=unreadable)
+        return Chunk(b"", len(view), len(view), parent_unreadable=unreadable,
+                     seconds={"image": time.perf_counter() - started})
 
     def digest_at(self, index: int, pieces: list | None = None, parent: bytes | None = None) -> Chunk:
         """Read (or rebuild), hash and store chunk ``index``."""
         chunk = self.fill(index, pieces, parent)
         view = self.buffer(chunk.length)
+        started = time.perf_counter()
         digest = digest_of(view)
+        hashed = time.perf_counter()
         if digest == zero_digest(chunk.length):
             chunk.digest = ZERO
         else:
             chunk.digest, chunk.stored = digest, self.store.put(digest, view)
+        chunk.seconds |= {"hash": hashed - started, "store": time.perf_counter() - hashed}
         return chunk
 
     def read_all(self, indexes, digests: bytearray, progress, pieces: dict | None = None) -> None:
@@ -207,6 +221,8 @@ class DeviceReader:
         self.stats["repo_bytes_read"] += chunk.repo
         self.stats["chunks_rebuilt"] += chunk.rebuilt
         self.stats["parents_unreadable"] += chunk.parent_unreadable
+        for stage, seconds in chunk.seconds.items():
+            self.seconds[stage] += seconds
         if chunk.stored:
             self.stats["chunks_new"] += 1
             self.stats["bytes_new"] += chunk.stored
@@ -272,7 +288,8 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
             "chunks": count, "zero_chunks": zero,
             "cbt": {k: info[k] for k in ("generation_id", "changes_number", "block_size")},
             "mode": "incremental" if reason is None else "full", "reason": reason,
-            "parent": parent["point"] if parent else None, "audit": audit, **reader.stats}
+            "parent": parent["point"] if parent else None, "audit": audit, **reader.stats,
+            "seconds": {k: round(v, 3) for k, v in reader.seconds.items()}}
 
 
 def report_audit(out: Output, name: str, parent: str, audit: dict) -> str:

@@ -57,7 +57,8 @@ with ``-N`` appended when that name is taken)::
                         "chunks_read", "bytes_read" (from the snapshot image, audit included),
                         "repo_bytes_read" (chunk files read to rebuild chunks), "chunks_rebuilt",
                         "parents_unreadable", "chunks_new", "bytes_new" (stored, compressed),
-                        "plain_new", "audit": {"sampled", "mismatches": [offsets]} | null}},
+                        "plain_new", "audit": {"sampled", "mismatches": [offsets]} | null,
+                        "seconds": {"image", "repository", "hash", "store"}}},
      "stats": {"bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new", "duration"}}
 
 A rebuilt chunk (an incremental where CBT marked only some blocks of a chunk): the
@@ -65,9 +66,13 @@ parent point's chunk read from this repository and checked, the changed blocks r
 from the snapshot image over it; it is then hashed and stored like any other chunk,
 so the files above do not say how a chunk was made.
 
-Compatibility: version 1 was extended, not bumped. "repo_bytes_read", "chunks_rebuilt"
-and "parents_unreadable" came with rebuilt chunks (issue 21); manifests written
-before lack them and read as 0. Nothing else changed, and readers ignore keys they do
+"seconds": the worker thread-seconds spent reading the image, reading parent chunks
+from the repository, hashing, and storing (compression, chunk file writes, fsync):
+where a backup's time went.
+
+Compatibility: version 1 was extended, not bumped. "repo_bytes_read", "chunks_rebuilt",
+"parents_unreadable" and "seconds" came with rebuilt chunks (issue 21); manifests
+written before lack them and read as 0. Nothing else changed, and readers ignore keys they do
 not know, so older and newer tools read each other's repositories.
 
 Encryption is not built. Room for it: ``config["encryption"]`` is null; a future
