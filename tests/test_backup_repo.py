@@ -80,6 +80,33 @@ def test_chunk_files_are_exact_with_and_without_o_direct(repo, direct):
     assert not os.listdir(repo.p("tmp"))
 
 
+def test_deferred_commits_are_whole_after_sync_and_their_errors_surface(repo):
+    """create's store: chunk files are renamed into place by the committer thread; sync
+    waits for them, and a commit that failed fails the sync (no manifest over it)."""
+    store = ChunkStore(repo, deferred=True)
+    chunks = [os.urandom(65536) for _ in range(40)]
+    try:
+        for data in chunks:
+            store.put(digest_of(data), data)
+        store.sync()
+    finally:
+        store.close()
+    assert all(ChunkStore(repo).get(digest_of(d)) == d for d in chunks)
+    assert not os.listdir(repo.p("tmp"))
+
+    def broken(fd, tmp, final):
+        os.close(fd)
+        raise OSError(5, "Input/output error")
+    repo.commit_chunk = broken
+    store = ChunkStore(repo, deferred=True)
+    try:
+        store.put(digest_of(b"x" * 100), b"x" * 100)
+        with pytest.raises(OSError, match="Input/output"):
+            store.sync()
+    finally:
+        store.close()
+
+
 def test_index_round_trip_and_damage(repo):
     digests = os.urandom(32) * 3 + ZERO
     raw = encode_index(3 * 65536 + 1, 65536, digests, digest_of)

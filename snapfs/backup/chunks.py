@@ -8,6 +8,7 @@ parallel). zstd contexts are not thread-safe, so each thread gets its own.
 
 import functools
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 import zstandard
@@ -15,6 +16,7 @@ import zstandard
 from .repo import STORED, ZERO, ZSTD, Damaged, Repo, decode_chunk
 
 SAMPLE_PIECES, SAMPLE_PIECE = 16, 4 << 10     # the compressibility sample of a chunk
+COMMIT_BACKLOG = 16                           # deferred chunk files waiting for fsync (open fds)
 
 
 def digest_of(data) -> bytes:
@@ -40,14 +42,23 @@ def zero_digest(length: int) -> bytes:
 
 
 class ChunkStore:
-    """Verified chunk I/O on one repository."""
+    """Verified chunk I/O on one repository.
 
-    def __init__(self, repo: Repo):
+    ``deferred`` (create): ``put`` writes a chunk file under a temporary name and hands
+    its fsync and rename to one committer thread, so the workers go on reading while
+    the journal commits; fsyncs that queue up there share a journal commit. At most
+    COMMIT_BACKLOG files wait; ``sync`` waits for all of them and raises the first
+    error, so no manifest is written over a chunk that did not become durable."""
+
+    def __init__(self, repo: Repo, deferred: bool = False):
         self.repo = repo
         self._local = threading.local()
         self._lock = threading.Lock()
         self._claimed: set[bytes] = set()     # digests stored (or being stored) by this process
         self.dirs: set[str] = set()           # chunk directories to fsync before a manifest
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="backup-commit") if deferred else None
+        self._backlog = threading.BoundedSemaphore(COMMIT_BACKLOG)
+        self._commits: list[Future] = []
 
     def _zstd(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
         ctx = getattr(self._local, "ctx", None)
@@ -70,10 +81,23 @@ class ChunkStore:
             packed = self._zstd()[0].compress(data)
             if len(packed) < len(data):
                 payload, compression = packed, ZSTD
-        directory = self.repo.write_chunk(digest, compression, len(data), payload)
+        staged = self.repo.stage_chunk(digest, compression, len(data), payload)
+        if self._committer is None:
+            self._commit(staged)
+        else:
+            self._backlog.acquire()
+            future = self._committer.submit(self._commit, staged, self._backlog.release)
+            with self._lock:
+                self._commits.append(future)
+        return len(payload) + 16
+
+    def _commit(self, staged: tuple[int, str, str], done=lambda: None) -> None:
+        try:
+            directory = self.repo.commit_chunk(*staged)
+        finally:
+            done()
         with self._lock:
             self.dirs.add(directory)
-        return len(payload) + 16
 
     def compressible(self, data) -> bool:
         """False when SAMPLE_PIECES pieces spread over ``data`` do not shrink by 3%
@@ -86,12 +110,23 @@ class ChunkStore:
         return len(self._zstd()[0].compress(sample)) < 0.97 * len(sample)
 
     def sync(self) -> None:
-        """fsync the directories chunks were renamed into (before the manifest)."""
+        """Wait for the deferred commits (the first error is raised), then fsync the
+        directories chunks were renamed into (before the manifest)."""
         from .repo import fsync_dir
+        with self._lock:
+            commits, self._commits = self._commits, []
+        for future in commits:
+            future.result()
         with self._lock:
             dirs, self.dirs = self.dirs, set()
         for directory in sorted(dirs):
             fsync_dir(directory)
+
+    def close(self) -> None:
+        """Stop the committer after the commits it holds (on every exit path: a failed
+        run leaves whole chunk files, or temporary ones the next writer clears)."""
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
 
     def get(self, digest: bytes, length: int | None = None) -> bytes:
         """The plaintext of a chunk, checked: CRC of the stored bytes, decompression,

@@ -355,13 +355,16 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
             + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
     point = repo.new_point_id(started)
-    store = ChunkStore(repo)
+    store = ChunkStore(repo, deferred=True)
     devices = {}
-    for name in names:
-        info, cbt_map = read_cbt(mount, name)
-        image = os.path.join(mount, "snapshots", snap, name)
-        devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
-    store.sync()
+    try:
+        for name in names:
+            info, cbt_map = read_cbt(mount, name)
+            image = os.path.join(mount, "snapshots", snap, name)
+            devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
+        store.sync()
+    finally:
+        store.close()
     totals = {k: sum(d[k] for d in devices.values())
               for k in ("bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new")}
     manifest = {

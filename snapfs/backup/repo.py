@@ -291,33 +291,34 @@ class Repo:
         if sync_dir:
             fsync_dir(os.path.dirname(final))
 
-    def _write_direct(self, tmp: str, view: memoryview, length: int) -> bool:
-        """Write ``view[:length]`` (``view`` page-aligned and padded to ALIGN) to a new
-        file with O_DIRECT, cut it to ``length``, fsync it; False (nothing left behind)
-        where the filesystem refuses O_DIRECT (tmpfs), and from then on."""
+    def _write_direct(self, tmp: str, view: memoryview, length: int) -> int | None:
+        """Write ``view[:length]`` (``view`` page-aligned) to a new file: the whole
+        ALIGN blocks with O_DIRECT, the rest through the page cache; the open fd, or
+        None (nothing left behind) where the filesystem refuses O_DIRECT (tmpfs), and
+        from then on."""
         if not self.direct_writes:
-            return False
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT
+            return None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags | os.O_DIRECT, 0o644)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.direct_writes = False
-            return False
+            return None
         try:
-            write_parts(fd, [view[:-(-length // ALIGN) * ALIGN]])
-            os.ftruncate(fd, length)
-            os.fsync(fd)
+            aligned = length // ALIGN * ALIGN
+            write_parts(fd, [view[:aligned]])
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            write_parts(fd, [view[aligned:length]])
         except OSError as exc:
+            os.close(fd)
             os.unlink(tmp)
             if exc.errno != errno.EINVAL:
                 raise
             self.direct_writes = False
-            return False
-        finally:
-            os.close(fd)
-        return True
+            return None
+        return fd
 
     def clear_tmp(self) -> None:
         """Remove what interrupted writers left in tmp/ (call holding the writer lock)."""
@@ -336,23 +337,42 @@ class Repo:
 
     def write_chunk(self, digest: bytes, compression: int, plain_len: int, payload) -> str:
         """Store a chunk file (fsynced; its directory is returned for the caller to
-        fsync once, before the manifest that references it is written). ``payload``
-        is any buffer; header and payload are copied into a page-aligned buffer and
-        written with O_DIRECT where the filesystem allows it (no page cache to fill
-        and write back: a backup writes as much as it reads)."""
+        fsync once, before the manifest that references it is written)."""
+        return self.commit_chunk(*self.stage_chunk(digest, compression, plain_len, payload))
+
+    def stage_chunk(self, digest: bytes, compression: int, plain_len: int,
+                    payload) -> tuple[int, str, str]:
+        """Write a chunk file under a temporary name, not yet durable: (open fd, tmp
+        path, final path) for ``commit_chunk``. ``payload`` (any buffer) and the header
+        are copied into a page-aligned buffer and written with O_DIRECT where the
+        filesystem allows it (no page cache to fill and write back: a backup writes
+        about as much as it reads)."""
         final = self.chunk_path(digest)
-        directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         header = chunk_header(compression, plain_len, payload)
         length = len(header) + len(payload)
         view = self.buffers.get("staging", self.buffers.size)
         view[:len(header)], view[len(header):length] = header, payload
         tmp = self.tmp_name(os.path.basename(final))
-        if self._write_direct(tmp, view, length):
-            self._commit(tmp, final, sync_dir=False)
-        else:
-            self.write_atomic(final, view[:length], sync_dir=False)
-        return directory
+        fd = self._write_direct(tmp, view, length)
+        if fd is None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                write_parts(fd, [view[:length]])
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd, tmp, final
+
+    def commit_chunk(self, fd: int, tmp: str, final: str) -> str:
+        """fsync and close a staged chunk file, then rename it into place (a chunk file
+        under its name is always whole); its directory, for the caller to fsync."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        return os.path.dirname(final)
 
     def read_chunk_file(self, digest: bytes) -> memoryview:
         """The bytes of a chunk file, in this thread's "file" buffer, placed so that
