@@ -3,7 +3,9 @@ compression, and ``ChunkStore``, which puts and gets verified chunks through a R
 
 Thread-safe: create, restore, verify and the backup mount call it from worker
 threads (blake3 and zstandard release the GIL, so threads hash and compress in
-parallel). zstd contexts are not thread-safe, so each thread gets its own.
+parallel). zstd contexts are not thread-safe, so each thread gets its own, and its
+own buffers (``Repo.buffers``): ``load`` returns a view of one, valid until the same
+thread loads again; ``get`` copies.
 """
 
 import functools

@@ -4,8 +4,10 @@ into the repository, one index per device, and the manifest last.
 
 Per device (``plan``): when the device's newest point in the repository was taken at
 the same CBT generation (and size), only the chunks overlapping CBT blocks with
-``map[i] > parent changes_number`` are read and every other digest is copied from the
-parent's index; otherwise (first backup, a new generation after a crash or an offline
+``map[i] > parent changes_number`` are made again and every other digest is copied
+from the parent's index; of a chunk those blocks cover only in part, only the blocks
+are read from the image, over the parent's chunk read from the repository (a rebuilt
+chunk; see DeviceReader); otherwise (first backup, a new generation after a crash or an offline
 change of the source, a resized or replaced device, ``--full``, a failed CBT audit)
 every chunk is read and hashed, and only chunks the repository lacks are stored. The
 reason is printed and kept in the manifest.

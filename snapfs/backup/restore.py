@@ -6,6 +6,9 @@ chunk written (zeros too); it must be at least the device's size and is opened O
 (not while mounted). ``delta`` keeps what TARGET already holds where it matches: each
 chunk of the target is hashed and only chunks whose digest differs are written.
 
+Chunks are loaded into a page-aligned buffer per worker and written with O_DIRECT
+where offset and length allow (``Restorer``), so a restore does not fill the page cache.
+
 Every chunk read is checked (CRC of the stored bytes, decompression, length, digest);
 a damaged one stops the restore with ``Damaged`` naming point, device and offset. The
 target is then incomplete, and the message says so.
