@@ -101,3 +101,28 @@ def test_a_damaged_parent_chunk_is_read_whole_from_the_device(mounter, tmp_path,
     assert dev["parents_unreadable"] == 1 and dev["chunks_rebuilt"] == 0 and dev["bytes_read"] == CHUNK
     assert restore_sha(repo, "latest", "d0", tmp_path / "r.img") == want
     assert backup("verify", repo, first).returncode == 3, "the parent stays damaged, and verify says so"
+
+
+def test_points_made_before_rebuilt_chunks_still_read(mounter, tmp_path, storage_dir):
+    """A manifest without the fields issue 21 added (as older snapfs wrote them) lists,
+    shows, restores, and is the parent of a rebuilding incremental."""
+    import json
+    make_mixed(tmp_path / "d0.img", seed=23)
+    m = mounter({"d0": str(tmp_path / "d0.img")})
+    repo = init(tmp_path / "repo", chunk=CHUNK)
+    first = create(m, repo, "d0", storage=storage_dir)
+    want = sha256_file(m.dev("d0"), m.path)
+    path = Path(repo, "points", f"{first['point']}.json")
+    old = json.loads(path.read_text())
+    for key in ("repo_bytes_read", "chunks_rebuilt", "parents_unreadable", "seconds"):
+        old["devices"]["d0"].pop(key)
+    old["stats"].pop("repo_bytes_read")
+    path.write_text(json.dumps(old))
+    assert ok("list", repo)[0]["devices"]["d0"]["repo_bytes_read"] == 0
+    for args in (("list", repo), ("info", repo, first["point"])):
+        done = backup(*args)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    pwrite(m.dev("d0"), CHUNK + 5000, b"after the old point")
+    dev = create(m, repo, "d0", storage=storage_dir)["devices"]["d0"]
+    assert dev["mode"] == "incremental" and dev["chunks_rebuilt"] == 1 and dev["bytes_read"] == BLOCK
+    assert restore_sha(repo, first["point"], "d0", tmp_path / "r.img") == want
