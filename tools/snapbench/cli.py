@@ -157,7 +157,7 @@ def check_tools(cfg: Config) -> None:
     missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3 util-linux")
-    if cfg.qemu and not shutil.which("qemu-storage-daemon"):
+    if cfg.qemu and cfg.only != "backup" and not shutil.which("qemu-storage-daemon"):
         if not cfg.quick:
             raise BenchError("qemu-storage-daemon missing: apt-get install -y qemu-system-common "
                              "qemu-utils (or pass --no-qemu)")
