@@ -20,8 +20,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import outcome
 import trio
@@ -226,18 +226,41 @@ def bulk_slots(busy: bool) -> trio.CapacityLimiter:
     return limiter
 
 
-@asynccontextmanager
-async def bulk(idle: bool = False) -> AsyncIterator[None]:
-    """One image read's turn: a slot of ``bulk_slots``, then ``priority.quiet``; after
-    the read, while the devices are busy, the pause (not after a failed read). The
-    reader calls ``priority.quiet`` again before it returns its data. ``idle``: a
-    reader of the idle I/O class, treated as if the devices were always busy."""
-    async with bulk_slots(idle or priority.busy()):
-        await priority.quiet()
-        t0 = time.monotonic()
-        yield
-        if idle or priority.busy():
-            await trio.sleep(min((time.monotonic() - t0) * YIELD, MAX_PAUSE))
+def bulk(idle: bool = False) -> "_Bulk":
+    """One image read's turn (``async with``): a slot of ``bulk_slots``, then
+    ``priority.quiet``; after the read, while the devices are busy, the pause (not
+    after a failed read). The reader calls ``priority.quiet`` again before it returns
+    its data. ``idle``: a reader of the idle I/O class, treated as if the devices were
+    always busy. Uncontended (a slot free, no device request ready, the devices idle)
+    it never yields to the loop: an image read the page cache answers costs no round."""
+    return _Bulk(idle)
+
+
+class _Bulk:
+    __slots__ = ("idle", "limiter", "t0")
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+
+    async def __aenter__(self) -> None:
+        self.limiter = bulk_slots(self.idle or priority.busy())
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.limiter.acquire()
+        try:
+            await priority.quiet()
+        except BaseException:
+            self.limiter.release()
+            raise
+        self.t0 = time.monotonic()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and (self.idle or priority.busy()):
+                await trio.sleep(min((time.monotonic() - self.t0) * YIELD, MAX_PAUSE))
+        finally:
+            self.limiter.release()
 
 
 class InFlight:
