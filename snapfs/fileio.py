@@ -30,6 +30,8 @@ import resource
 import time
 from collections.abc import Callable
 
+import trio
+
 from . import aio, ioprio, workers
 
 PAGE = 4096
@@ -84,6 +86,9 @@ class FileIO:
         self.inline = True
         self.hits = HitRate()
         self.thread_calls = 0            # calls on this file in worker threads now
+        self.written = 0                 # writes that returned so far
+        self.durable = 0                 # of those, how many a finished flush covers
+        self._flush: trio.Event | None = None   # set when the flush in flight ends
         self.stalled_until = 0.0         # monotonic: inline writes resume then
 
     # ----- reads --------------------------------------------------------------------
@@ -134,13 +139,33 @@ class FileIO:
             t1 = time.monotonic()
             if t1 - t0 > STALL and _sleeps() != slept:
                 self.stalled_until = t1 + BACKOFF
-            return
-        self.thread_calls += 1
-        try:
-            with workers.priority.waiting():
-                await workers.run(self.pwrite, offset, data)
-        finally:
-            self.thread_calls -= 1
+        else:
+            self.thread_calls += 1
+            try:
+                with workers.priority.waiting():
+                    await workers.run(self.pwrite, offset, data)
+            finally:
+                self.thread_calls -= 1
+        self.written += 1
+
+    async def sync(self, fn: Callable[[], None]) -> None:
+        """Make every write that returned before this call durable with ``fn`` (the
+        blocking fdatasync or fsync), sharing flushes: a flush in flight that began
+        after those writes covers them, so concurrent callers (a database's committing
+        clients) wait for it instead of each starting one; otherwise one starts. A
+        flush's error reaches the caller that started it; the others try their own."""
+        target = self.written
+        while self.durable < target:
+            if self._flush is not None:
+                await self._flush.wait()
+                continue
+            start, self._flush = self.written, trio.Event()
+            try:
+                await self.run(fn)
+                self.durable = max(self.durable, start)
+            finally:
+                self._flush.set()
+                self._flush = None
 
     async def run(self, fn: Callable, *args):
         """Another blocking call on this file (punch, fdatasync) in a worker thread;
