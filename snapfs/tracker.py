@@ -18,8 +18,6 @@ its source write returned.
 
 import errno
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 
@@ -44,14 +42,11 @@ class WriteGate:
         self._reopened = trio.Event()
         self.in_flight = InFlight()
 
-    @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """Wait while closed, then count the write until it leaves the block (no
-        checkpoint between the check and the count)."""
-        while self._closed:
-            await self._reopened.wait()
-        with self.in_flight.using():
-            yield
+    def admitted(self) -> "_Admitted":
+        """``async with``: wait while closed, then count the write until it leaves the
+        block (no checkpoint between the check and the count). A class, not a
+        generator: it runs on every device write."""
+        return _Admitted(self)
 
     def close(self) -> None:
         self._closed = True
@@ -63,6 +58,22 @@ class WriteGate:
     def open(self) -> None:
         self._closed = False
         self._reopened.set()
+
+
+class _Admitted:
+    __slots__ = ("gate",)
+
+    def __init__(self, gate: WriteGate) -> None:
+        self.gate = gate
+
+    async def __aenter__(self) -> None:
+        gate = self.gate
+        while gate._closed:
+            await gate._reopened.wait()
+        gate.in_flight.enter()
+
+    async def __aexit__(self, *exc) -> None:
+        self.gate.in_flight.leave()
 
 
 class Tracker:

@@ -20,8 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import outcome
 import trio
@@ -277,16 +276,24 @@ class InFlight:
         self.count = 0
         self._idle: trio.Event | None = None
 
-    @contextmanager
-    def using(self) -> Iterator[None]:
+    def using(self) -> "InFlight":
+        """``with``: count one operation while the block runs."""
+        return self
+
+    def __enter__(self) -> None:
+        self.enter()
+
+    def __exit__(self, *exc) -> None:
+        self.leave()
+
+    def enter(self) -> None:
         self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0 and self._idle is not None:
-                self._idle.set()
-                self._idle = None
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def drained(self) -> None:
         while self.count:

@@ -96,6 +96,11 @@ def run_kind(cfg: Config, work: Path, kind: str, res) -> None:
     with contextlib.ExitStack() as stack:
         disk = stack.enter_context(loop_device(backing, 0, size))
         plain = stack.enter_context(loop_device(backing, size, size))
+        for dev in (disk, plain):
+            got = int(subprocess.run(["blockdev", "--getsize64", str(dev)], capture_output=True,
+                                     text=True, check=True).stdout)
+            if got != size:
+                raise BenchError(f"loop device {dev} over {backing} is {got} bytes, not {size}")
         snap = Snapfs(work / "snapfs", disk, size, size)
         snap.start()
         stack.callback(snap.stop)
@@ -163,8 +168,10 @@ def measured_copy(r: Round, name: str, cmd: list[str]) -> None:
     whole seconds inside it, the writer's p99 and the copy's time."""
     with fsync_writer(r.pgfs) as writer:
         start, t0 = time.time(), time.monotonic()
-        subprocess.run(cmd, check=True, timeout=1800, capture_output=True)
+        done = subprocess.run(cmd, check=True, timeout=1800, capture_output=True, text=True)
         seconds = time.monotonic() - t0
+    if seconds < 0.5:
+        raise BenchError(f"{' '.join(cmd)} took {seconds:.2f} s: nothing copied? {done.stderr[-300:]}")
     tps = r.bench.seconds(start, start + seconds)
     r.res.add(r.key(f"{name}_time"), "snapfs", seconds)
     r.res.add(r.key(f"{name}_med"), "snapfs", statistics.median(tps))
