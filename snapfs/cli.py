@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -91,22 +92,36 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    """Unmount, then wait until the daemon has saved the CBT and let go of its sources
-    (their locks are free): that holds across pid namespaces, and it tells a mount
-    that still lives elsewhere (a container's private bind) from a finished stop."""
+    """Refuse, before touching anything, while another mount namespace holds the mount
+    (``--wait`` for them to go; ``--force`` goes on); unmount here (refused while files
+    are open, unless ``--force``: then the daemon is told ``stop force``); then wait
+    until the daemon has saved the CBT and let go of its sources (their locks are
+    free), which holds across pid namespaces."""
     mountpoint = os.path.realpath(args.mountpoint)
     if mountpoint not in snapfs_mounts():
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
     status = read_status(mountpoint)
     sources = [(d["path"], d["kind"]) for d in status["devices"].values()]
-    dev = mountinfo.at(mountpoint).dev
+    here = mountinfo.at(mountpoint)
+    holders = wait_unheld(here, args.wait)
+    if holders and not args.force:
+        raise SnapfsError(errno.EBUSY, f"{mountpoint} is also mounted in other mount namespaces that "
+                          f"an unmount here would not reach: {'; '.join(holders)}. Nothing was changed; "
+                          "unmount it there first, or --wait SECONDS for them, or --force to unmount "
+                          "here anyway (the daemon keeps serving them)")
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
+    if result.returncode != 0 and not args.force:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
-                          f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
+                          f"see 'fuser -vm {mountpoint}'. Nothing was changed; --force stops the daemon "
+                          "anyway (users of open device and image files get I/O errors)")
+    if result.returncode != 0:
+        command(mountpoint, "stop force")
+    elif holders:
+        print(f"snapfs: unmounted here; the daemon keeps serving {'; '.join(holders)}", file=sys.stderr)
+        return 0
     held = wait_released(sources, args.timeout)
     if held:
-        holders = mount_holders(dev)
+        holders = mount_holders(here.dev)
         where = (f"held by {'; '.join(holders)}" if holders else
                  "not one this process can see: a container's bind?")
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is unmounted here, but its daemon still holds "
@@ -114,6 +129,17 @@ def cmd_umount(args) -> int:
                           f"namespace ({where}), or the daemon is stuck; its CBT is saved when it "
                           "stops (or use 'snapfs umount' where it is still mounted)")
     return 0
+
+
+def wait_unheld(here: mountinfo.Mount, seconds: float) -> list[str]:
+    """Other mount namespaces holding the mount ``here`` (client.mount_holders), after
+    waiting up to ``seconds`` for them to let go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        holders = mount_holders(here.dev, peers=here.tags)
+        if not holders or time.monotonic() >= deadline:
+            return holders
+        time.sleep(0.1)
 
 
 def wait_released(sources: list[tuple[str, str]], timeout: float) -> str | None:
@@ -196,20 +222,35 @@ def cmd_control(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    """Follow snapshots/ID/events until the snapshot is destroyed."""
+    """Follow snapshots/ID/events until the snapshot is destroyed: non-blocking reads
+    and poll(), so Ctrl-C or any signal ends it at once (a blocking read would hold
+    the process in the kernel until the daemon answers)."""
     mount = find_mount(args.mount)
     path = os.path.join(mount, "snapshots", args.id, "events")
     try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"snapshot {args.id}") from None
-    with f:
-        buf = b""
-        while chunk := f.read(65536):
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    buf = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                poller.poll(1000)
+                continue
+            if not chunk:
+                break
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 print(format_event(json.loads(line)) if not args.json else line.decode(), flush=True)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, path) from None
+    finally:
+        os.close(fd)
     print(f"snapshot {args.id} destroyed", flush=True)
     return 0
 
@@ -320,10 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", help="log here (default: stderr, or STATE_DIR/snapfs.log with --daemon)")
     m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open")
+    u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open or "
+                       "another mount namespace holds the mount")
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to wait for the daemon to save CBT and let go (default 60)")
+                   help="seconds to wait for the daemon to save CBT and let go (default: %(default)s)")
+    u.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for other mount namespaces holding the mount to let go "
+                   "(default: %(default)s, refuse at once)")
+    u.add_argument("--force", action="store_true",
+                   help="unmount here even if other mount namespaces hold the mount (the daemon keeps "
+                   "serving them); with files open here, stop the daemon anyway: DATA-LOSING for "
+                   "their users, who get I/O errors")
     u.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use")

@@ -14,10 +14,10 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "mountinfo", "namespace", "aio", "workers", "stack", "freeze",  # leaves
+    "errors", "params", "mountinfo", "namespace", "procs", "aio", "workers", "stack", "freeze",  # leaves
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
-    "fs", "daemon", "mount",                                        # the FUSE adapter, lifecycle
+    "fs", "stop", "daemon", "mount",                                # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
 BACKUP = ["repo", "chunks", "output", "create", "restore", "verify", "prune", "mountfs", "cli"]
