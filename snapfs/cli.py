@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import __version__, mountinfo
+from .backup.output import DefaultsHelp
 from .client import (
     batched_lines,
     command,
@@ -66,6 +67,15 @@ def print_status(status: dict) -> None:
             err = a.get("error_code", 0)
             print(f"  {name:14} {a.get('state', '-'):10} chunk {human(a['chunk_size'])}"
                   f"  copied {a.get('chunks_copied', 0)}" + (f"  error {err}" if err else ""))
+
+
+def size_text(n: int) -> str:
+    """A size as it is typed: ``256K``, ``1G``."""
+    for unit in ("T", "G", "M", "K"):
+        scale = 1 << (10 * "KMGT".index(unit) + 10)
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def human(n: int) -> str:
@@ -214,7 +224,7 @@ def cmd_control(args) -> int:
     for dest in args.dests:
         value = getattr(args, dest)
         words += value if isinstance(value, list) else [] if value is None else [value]
-    if getattr(args, "nofreeze", False):
+    if getattr(args, "nofreeze", False) or getattr(args, "option", None) == "nofreeze":
         words.append("nofreeze")
     reply = command(find_mount(args.mount), " ".join(quote(w) for w in words))
     print_reply(reply, args.json)
@@ -317,9 +327,10 @@ def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) 
     for token in usage.split():
         optional, many = token.startswith("["), token.rstrip("]").endswith("...")
         word = token.strip("[]").rstrip(".")
-        if word == "nofreeze":
-            parser.add_argument("--nofreeze", action="store_true",
+        if word == "nofreeze":           # as the command line has it, or as an option
+            parser.add_argument("option", nargs="?", choices=["nofreeze"], metavar="nofreeze",
                                 help="do not freeze filesystems stacked on the devices")
+            parser.add_argument("--nofreeze", action="store_true", help="the same")
             continue
         if verb == "markdirtyblock":      # or --file instead
             optional = True
@@ -331,7 +342,8 @@ def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0].replace("``", ""),
+                                formatter_class=DefaultsHelp)
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -339,15 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     # the same options after the command; SUPPRESS keeps a value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-m", "--mount", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-m", "--mount", default=argparse.SUPPRESS,
+                        help="mount point (default: the only snapfs mount)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of text")
 
-    m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)")
+    m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)",
+                       formatter_class=DefaultsHelp)
     m.add_argument("mountpoint")
     m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
     for f in dataclasses.fields(Params):
-        m.add_argument("--" + f.name.replace("_", "-"), type=_size if f.name.endswith("_minimum") else int,
-                       default=f.default)
+        size = f.name.endswith("_minimum")
+        m.add_argument("--" + f.name.replace("_", "-"), type=_size if size else int, default=f.default,
+                       help=f"{PARAM_HELP[f.name]} (default: {size_text(f.default) if size else f.default})")
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
     m.add_argument("--read-ahead-kb", type=int, default=4096,
                    help="kernel read-ahead on the mount's files (default 4096)")
@@ -357,12 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="fuse_options", action="append", default=[],
                    help="FUSE option; only allow_other is accepted")
     m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
-    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="what to log")
     m.add_argument("--log-file", help="log here (default: stderr, or STATE_DIR/snapfs.log with --daemon)")
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open or "
-                       "another mount namespace holds the mount")
+                       "another mount namespace holds the mount", formatter_class=DefaultsHelp)
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the daemon to save CBT and let go (default: %(default)s)")
@@ -375,14 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "their users, who get I/O errors")
     u.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use")
+    s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use",
+                       formatter_class=DefaultsHelp)
     s.set_defaults(func=cmd_status)
 
-    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy")
+    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy",
+                       formatter_class=DefaultsHelp)
     w.add_argument("id")
     w.set_defaults(func=cmd_watch)
 
-    cc = sub.add_parser("cbt-changes", parents=[common],
+    cc = sub.add_parser("cbt-changes", parents=[common], formatter_class=DefaultsHelp,
                         help="changed byte ranges since a backup's generation_id and changes_number")
     cc.add_argument("name")
     cc.add_argument("generation_id")
@@ -396,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             continue                      # the table above
         c = sub.add_parser(name, parents=[common], help=f"{verb.usage}: {verb.help}" if verb.usage
-                           else verb.help)
+                           else verb.help, description=verb.help, formatter_class=DefaultsHelp)
         dests = add_usage_arguments(c, name, verb.usage)
         if name == "markdirtyblock":
             c.add_argument("--file", help="mark the blocks of this file (in a filesystem stacked "
@@ -404,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
                        command=name, dests=dests)
     return p
+
+
+PARAM_HELP = {
+    "chunk_minimum": "smallest copy-before-write chunk (a power of two, 4K-64M)",
+    "chunk_maximum_count_shift": "at most 2^N chunks per device: larger devices get larger chunks",
+    "tracking_block_minimum": "smallest CBT tracking block (a power of two, 4K-64M)",
+    "tracking_block_maximum_count": "at most this many CBT blocks per device: larger devices get "
+                                    "larger blocks",
+    "diff_storage_minimum": "difference storage grows in steps of this size",
+}
 
 
 def _group(text: str) -> int:

@@ -67,6 +67,8 @@ def check_mountpoint(path: str) -> str:
     try:
         os.stat(path)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise SnapfsError(errno.ENOENT, f"mountpoint {path} does not exist (mkdir -p {path})") from None
         if exc.errno == errno.ENOTCONN:
             raise SnapfsError(errno.ENOTCONN, f"{path} is a dead FUSE mount (its daemon is gone): "
                               f"clear it with 'fusermount3 -u -z {path}', then mount again") from None

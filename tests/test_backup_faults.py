@@ -107,6 +107,7 @@ def test_flipped_byte_is_named_by_verify_and_stops_restore(mounter, tmp_path, st
     failed = backup("restore", repo, p2, "d0", str(tmp_path / "r2.img"))
     assert failed.returncode == 3
     assert f"point {p2}, device d0, offset {offsets[0]}" in failed.stderr, failed.stderr
+    assert "removed the incomplete" in failed.stderr and not (tmp_path / "r2.img").exists()
     assert restore_sha(repo, p1, "d0", tmp_path / "r1.img") == want1
 
 
@@ -203,6 +204,7 @@ def test_sigterm_of_create_destroys_the_snapshot_and_leaves_no_point(mounter, tm
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert m.ok("snapshot_collect")["ids"] == [], "the snapshot must be destroyed"
+    assert chunk_files(repo) == [] and "removed the" in err, err     # the run's chunks are gone
     assert ok("list", repo) == [] and not os.path.exists(os.path.join(repo, "lease.json"))
     assert ok("verify", repo)["ok"]
 
@@ -219,10 +221,12 @@ def test_full_repository_disk_fails_cleanly(mounter, tmp_path, storage_dir):
         done = backup("create", repo, "d0", "-m", m.path, "--storage", storage_dir, mount=m)
         assert done.returncode == 1, done.stderr
         assert "No space left on device" in done.stderr and "Traceback" not in done.stderr
+        assert f"in repository {repo}" in done.stderr and f"mounted at {small}" in done.stderr
         assert m.ok("snapshot_collect")["ids"] == []
         assert ok("list", repo) == []
+        assert chunk_files(repo) == [], "the failed run removed the chunks it stored"
         assert ok("verify", repo)["ok"]
-        assert ok("gc", repo)["chunks_removed"] > 0, "gc removes the chunks of the failed run"
+        assert ok("gc", repo)["chunks_removed"] == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 

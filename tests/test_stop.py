@@ -64,9 +64,10 @@ def test_sigterm_serves_a_mounted_ext4_until_its_loop_device_is_detached(mounter
     with ext4_on_loop(m.dev("fs"), fsmnt) as loop:
         m.proc.send_signal(signal.SIGTERM)
         wait_for_log(m, "stop requested while")
-        deadline = time.monotonic() + 2
+        deadline, count = time.monotonic() + 2, 0
         while time.monotonic() < deadline:                       # the workload goes on
-            name, data = f"f{len(written)}", os.urandom(256 * KiB)
+            name, data = f"f{count % 40}", os.urandom(256 * KiB)   # 10 MiB at most
+            count += 1
             with open(fsmnt / name, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -12,12 +12,18 @@ reason is printed and kept in the manifest.
 
 The snapshot is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL leaves
 it alive; ``lease.json`` names it, and the next writer on the repository destroys it.
+A failed run also removes the chunks it stored and its indexes (no point references
+them: the run holds the writer lock, and a chunk it stored was not in the
+repository); what it cannot remove is named, for ``backup gc``. A write error into
+the repository names the repository and the file system it is on.
 """
 
 import contextlib
 import errno
+import json
 import os
 import random
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -92,8 +98,10 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
 class DeviceReader:
     """Reads chunks of one snapshot image in worker threads: hash, zero test, store."""
 
-    def __init__(self, image: str, size: int, store: ChunkStore, workers: int):
+    def __init__(self, image: str, size: int, store: ChunkStore, workers: int,
+                 stored: list[bytes] | None = None):
         self.image, self.size, self.store, self.workers = image, size, store, workers
+        self.stored = stored if stored is not None else []   # digests of chunks this run wrote
         self.chunk_size = store.repo.chunk_size
         try:
             self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
@@ -111,7 +119,8 @@ class DeviceReader:
         try:
             return pread_full(self.fd, length, offset)
         except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"reading {self.image} at offset {offset}") from None
+            error = SnapfsError.from_oserror(exc, f"reading {self.image} at offset {offset}")
+            raise SnapfsError(error.errno, error.message + storage_trouble(self.image)) from None
 
     def digest_at(self, index: int) -> tuple[bytes, int, int]:
         """(digest or ZERO, bytes read, bytes stored) of chunk ``index``."""
@@ -121,7 +130,13 @@ class DeviceReader:
         if is_zero(data):
             return ZERO, length, 0
         digest = digest_of(data)
-        return digest, length, self.store.put(digest, data)
+        try:
+            stored = self.store.put(digest, data)
+        except OSError as exc:
+            raise repo_error(exc, self.store.repo, "storing a chunk") from None
+        if stored:
+            self.stored.append(digest)          # list.append: atomic across threads
+        return digest, length, stored
 
     def read_into(self, indexes: list[int], digests: bytearray, progress) -> None:
         """Read ``indexes`` in parallel (a bounded window of tasks) into ``digests``."""
@@ -165,14 +180,62 @@ class DeviceReader:
         return {"sampled": len(picked), "bytes_read": read, "mismatches": mismatches}
 
 
+def storage_trouble(image: str) -> str:
+    """Why an image read failed, when its snapshot's difference storage is the cause
+    (snapshots/ID/info: the storage overflowed its limit or its file system): "" or a
+    sentence naming the storage."""
+    try:
+        with open(os.path.join(os.path.dirname(image), "info"), "rb") as f:
+            info = json.loads(f.read())
+    except (OSError, ValueError):
+        return ""
+    if not info.get("overflow"):
+        return ""
+    return (f"; the snapshot's difference storage ({info.get('storage')}, limit {info.get('limit')} "
+            f"bytes, used {info.get('used')}) ran out of room while the devices were written: give "
+            "--storage-limit more, or --storage a file system with room")
+
+
+def repo_error(exc: OSError, repo: Repo, what: str) -> SnapfsError:
+    """An OSError writing into the repository, naming it and, when it is full, the file
+    system it is on and how to free space."""
+    code = exc.errno or errno.EIO
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        return SnapfsError.from_oserror(exc, f"{what} in repository {repo.path}")
+    mount = os.path.realpath(repo.path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    free = shutil.disk_usage(repo.path).free
+    return SnapfsError(code, f"{what} in repository {repo.path}: {os.strerror(code)} on the file "
+                       f"system mounted at {mount} ({free} bytes free); prune points or make room")
+
+
+def discard(repo: Repo, point: str, stored: list[bytes], out: Output) -> None:
+    """A failed run: remove the chunks it stored and its indexes (module docstring)."""
+    left = 0
+    for digest in stored:
+        try:
+            os.unlink(repo.chunk_path(digest))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left += 1
+    shutil.rmtree(repo.p("indexes", point), ignore_errors=True)
+    if stored:
+        out.warn(f"removed the {len(stored) - left} chunks this failed run stored"
+                 + (f"; {left} could not be removed: 'snapfs backup gc {repo.path}' frees them"
+                    if left else ""))
+
+
 def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: str, info: dict,
-                  cbt_map: bytes, opts: CreateOptions, out: Output) -> dict:
-    """Back up one device of a taken snapshot; its manifest entry (index written)."""
+                  cbt_map: bytes, opts: CreateOptions, out: Output, stored: list[bytes]) -> dict:
+    """Back up one device of a taken snapshot; its manifest entry (index written).
+    ``stored`` collects the digests of the chunks written."""
     size, chunk_size = info["device_capacity"], repo.chunk_size
     count = chunk_count(size, chunk_size)
     parent = repo.latest_with(name)
     reason, changed = plan(parent, name, info, cbt_map, chunk_size, opts.full)
-    reader = DeviceReader(image, size, store, opts.workers)
+    reader = DeviceReader(image, size, store, opts.workers, stored)
     audit = None
     try:
         if changed is not None:
@@ -197,7 +260,10 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
             progress.close()
     finally:
         reader.close()
-    index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
+    try:
+        index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
+    except OSError as exc:
+        raise repo_error(exc, repo, f"writing the index of {name}") from None
     zero = sum(1 for i in range(count) if digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == ZERO)
     return {"size": size, "index": repo.index_rel(point, name), "index_digest": index_digest,
             "chunks": count, "zero_chunks": zero,
@@ -269,13 +335,18 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
             + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
     point = repo.new_point_id(started)
-    store = ChunkStore(repo)
+    store, stored = ChunkStore(repo), []
     devices = {}
-    for name in names:
-        info, cbt_map = read_cbt(mount, name)
-        image = os.path.join(mount, "snapshots", snap, name)
-        devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
-    store.sync()
+    try:
+        for name in names:
+            info, cbt_map = read_cbt(mount, name)
+            image = os.path.join(mount, "snapshots", snap, name)
+            devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out,
+                                          stored)
+        store.sync()
+    except BaseException:
+        discard(repo, point, stored, out)
+        raise
     totals = {k: sum(d[k] for d in devices.values())
               for k in ("bytes_read", "bytes_new", "plain_new", "chunks_new")}
     manifest = {
@@ -286,5 +357,9 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
         "frozen": frozen, "not_frozen": not_frozen, "chunk_size": repo.chunk_size,
         "devices": devices, "stats": {**totals, "duration": round(time.time() - started, 3)},
     }
-    repo.write_manifest(manifest)
+    try:
+        repo.write_manifest(manifest)
+    except OSError as exc:
+        discard(repo, point, stored, out)
+        raise repo_error(exc, repo, "writing the manifest") from None
     return manifest
