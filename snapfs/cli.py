@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import __version__, mountinfo
-from .backup.output import DefaultsHelp
+from .backup.output import DefaultsHelp, human
 from .client import (
     batched_lines,
     command,
@@ -75,14 +75,6 @@ def size_text(n: int) -> str:
         scale = 1 << (10 * "KMGT".index(unit) + 10)
         if n and n % scale == 0:
             return f"{n // scale}{unit}"
-    return str(n)
-
-
-def human(n: int) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
     return str(n)
 
 
@@ -241,18 +233,9 @@ def cmd_watch(args) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"snapshot {args.id}") from None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
     buf = b""
     try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                poller.poll(1000)
-                continue
-            if not chunk:
-                break
+        for chunk in follow(fd):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -263,6 +246,21 @@ def cmd_watch(args) -> int:
         os.close(fd)
     print(f"snapshot {args.id} destroyed", flush=True)
     return 0
+
+
+def follow(fd: int):
+    """The chunks of a non-blocking events file until EOF; poll() waits between them."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            poller.poll(1000)
+        else:
+            if not chunk:
+                return
+            yield chunk
 
 
 def format_event(ev: dict) -> str:

@@ -263,3 +263,37 @@ def test_snapfs_daemon_killed_during_create(mounter, tmp_path, storage_dir):
     point = create(m2, repo, "d0", storage=storage_dir)
     assert point["devices"]["d0"]["mode"] == "full"
     assert restore_sha(repo, point["point"], "d0", tmp_path / "r.img") == sha256_file(str(source))
+
+
+def test_an_overflowing_snapshot_storage_is_named(mounter, tmp_path, storage_dir):
+    """The workload overwrites the whole device while a create reads it, with a storage
+    limit of 8M: the storage overflows, the image becomes unusable, and the create
+    fails saying that the snapshot's difference storage ran out of room (not just
+    EIO), leaving no point and none of its chunks."""
+    source = tmp_path / "big.img"
+    make_device(source, 64 * MiB, seed=27)
+    m = mounter({"d0": str(source)})
+    repo = init(tmp_path / "repo")
+    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
+                             storage_dir, "--storage-limit", "8M", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not chunk_files(repo):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
+            time.sleep(0.002)
+        fd = os.open(m.dev("d0"), os.O_WRONLY)
+        try:
+            for offset in range(0, 64 * MiB, MiB):             # the original never fails
+                assert os.pwrite(fd, os.urandom(MiB), offset) == MiB
+        finally:
+            os.close(fd)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert "difference storage" in err and "ran out of room" in err and "--storage-limit" in err, err
+    assert ok("list", repo) == [] and chunk_files(repo) == []
