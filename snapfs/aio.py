@@ -49,6 +49,7 @@ PIECE = 256 * 1024      # a larger read is split: a request that the block layer
 MAX_IN_FLIGHT = 256     # pieces submitted at once per trio run; more go to threads
 _POOLED = 32            # idle buffers kept per size
 _IOCB_FLAG_RESFD = 1    # completion bumps the eventfd in ``resfd``
+_IOCB_FLAG_IOPRIO = 2   # the read carries the I/O priority in ``aio_reqprio``
 _NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.EINTR)   # answers that mean "use a thread"
 
 
@@ -116,8 +117,9 @@ class _Ring:
         if len(pool) < _POOLED:
             pool.append(buf)
 
-    def submit(self, fd: int, buf: mmap.mmap, offset: int, size: int) -> _Read | None:
-        """Submit the pieces of one read into ``buf``; None if none could be."""
+    def submit(self, fd: int, buf: mmap.mmap, offset: int, size: int, ioprio: int = 0) -> _Read | None:
+        """Submit the pieces of one read into ``buf`` (with I/O priority ``ioprio``
+        unless 0); None if none could be."""
         count = (size + PIECE - 1) // PIECE
         if count > len(self.free):
             return None
@@ -130,6 +132,8 @@ class _Ring:
             cb.u.c.buf = base + k * PIECE
             cb.u.c.nbytes = min(PIECE, size - k * PIECE)
             cb.u.c.offset = offset + k * PIECE
+            cb.u.c.flags = _IOCB_FLAG_RESFD | (_IOCB_FLAG_IOPRIO if ioprio else 0)
+            cb.aio_reqprio = ioprio
             slot.read = read
         array = (self.singles[slots[0].index] if count == 1 else
                  (_k.iocb_p * count)(*[self.pointers[slot.index] for slot in slots]))
@@ -234,9 +238,10 @@ def open_direct(fd: int) -> int | None:
 
 
 @trio.lowlevel.enable_ki_protection
-async def pread(fd: int, offset: int, size: int) -> bytes | None:
+async def pread(fd: int, offset: int, size: int, ioprio: int = 0) -> bytes | None:
     """``size`` bytes at ``offset`` of the O_DIRECT descriptor ``fd``, or None where
-    this path cannot serve them (module docstring). Protected from KeyboardInterrupt:
+    this path cannot serve them (module docstring); ``ioprio``: the I/O priority the
+    read carries (0: the daemon's). Protected from KeyboardInterrupt:
     one raised between the submission and the wait would hand the buffer, which the
     kernel still fills, to the next read."""
     if (offset | size) % ALIGN or not size:
@@ -249,7 +254,7 @@ async def pread(fd: int, offset: int, size: int) -> bytes | None:
     except OSError:                       # no memory for a buffer: a thread reads it
         return None
     try:
-        read = ring.submit(fd, buf, offset, size)
+        read = ring.submit(fd, buf, offset, size, ioprio)
         if read is None:
             return None
         status = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)

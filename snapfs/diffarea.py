@@ -9,16 +9,16 @@ Fields:
         costs chunk_count bits plus one entry per copied chunk).
     error: 0, or the positive errno that corrupted this image (sticky until destroy).
 
-Ordering (docs/concurrency.md): I/O runs in worker threads, so other requests run
-while a chunk is being copied. Per chunk, ``_copying[i]`` is the event of the copy in
-flight: a write (device or image) that finds chunk i uncopied either starts the one
-copy (allocating the slot, then reading the source and writing the storage in a
-thread) or waits for it, and a device write reaches the source only after every
-chunk it touches is copied. ``copied[i]`` is set after the storage holds the data.
-An image read of uncopied chunks reads the source and then checks that none of them
-was copied meanwhile (a copy precedes the source write that would change them); if
-one was, it reads again. Every thread using the source or storage for this area is
-counted in ``storage.in_flight``, which destroy drains before closing the storage.
+Ordering (docs/concurrency.md): reads and writes may wait (AIO, worker threads), so
+other requests run while a chunk is being copied. Per chunk, ``_copying[i]`` is the
+event of the copy in flight: a write (device or image) that finds chunk i uncopied
+either claims it for a ``CopyPlan`` (slots allocated, then the old data read from the
+source and written to the storage) or waits for the copy that claimed it, and a device
+write reaches the source only after every chunk it touches is copied. ``copied[i]`` is
+set after the storage holds the data. An image read of uncopied chunks reads the
+source and then checks that none of them was copied meanwhile (a copy precedes the
+source write that would change them); if one was, it reads again. All I/O of this area
+is counted in ``storage.in_flight``, which destroy drains before closing the storage.
 
 Error handling: COW failures (overflow, storage I/O errors, source read errors while
 copying) corrupt the image and post a ``corrupted`` event, and are swallowed by
@@ -27,11 +27,12 @@ SnapfsError(EIO) once corrupted or destroyed.
 """
 
 import errno
+from dataclasses import dataclass
 
 import trio
 from bitarray import bitarray
 
-from . import workers
+from . import ioprio, workers
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
@@ -60,59 +61,47 @@ class DiffArea:
         start = i * self.chunk_size
         return start, min(start + self.chunk_size, self.capacity)
 
-    async def cow(self, offset: int, length: int, then=None) -> bool:
-        """Before a device write of [offset, offset+length): copy every chunk it touches
-        that was not copied yet, waiting for copies in flight by others. Never raises
-        for the copy: failures corrupt the image.
-
-        The chunks this call copies are copied in one worker-thread call (contiguous
-        ones with one read and one write), and ``then``, the blocking device write,
-        runs in that same call right after them: one thread hop for a first write.
-        Returns True when ``then`` ran (an OSError of it is raised), False when the
-        caller must still write."""
+    async def before_write(self, offset: int, length: int) -> None:
+        """Copy-before-write of a device write of [offset, offset+length): returns once
+        every chunk it touches is in the storage, copying those nobody copied and waiting
+        for copies in flight by others; or once the image is unusable. Never raises:
+        a failed copy corrupts the image, and the device write proceeds."""
         if length <= 0:
-            return False
+            return
         first = offset // self.chunk_size
         last = (min(offset + length, self.capacity) - 1) // self.chunk_size
-        return await self._copy_range(first, last, True, then)
+        await self._ensure_copied(first, last, by_device=True)
 
-    async def _copy_range(self, first: int, last: int, by_device: bool, then=None) -> bool:
+    async def _ensure_copied(self, first: int, last: int, by_device: bool) -> None:
         """Chunks first..last end up copied, or the image unusable (``error`` or
-        ``closed``): wait for copies in flight by others, then copy the rest in one
-        worker call, ``then`` after them. Returns whether ``then`` ran."""
+        ``closed``)."""
         while not (self.error or self.closed):
             pending = self._copy_in_flight(first, last + 1)
             if pending is not None:
                 await pending.wait()
                 continue
             todo = [i for i in range(first, last + 1) if not self.copied[i]]
-            return bool(todo) and await self._copy(todo, by_device, then)
-        return False
+            if todo:
+                await self._copy(todo, by_device)
+            return
 
     def _copy_in_flight(self, first: int, stop: int) -> trio.Event | None:
         """The event of a copy in flight of a chunk in [first, stop), or None."""
         return next((ev for j, ev in self._copying.items() if first <= j < stop), None)
 
-    async def _copy(self, chunks: list[int], by_device: bool, then=None) -> bool:
-        """Copy the take-time content of ``chunks`` (none copied or in flight) into new
-        slots; ``_copying`` marks them, set with no await after the caller's check.
-        With ``then`` (the device write), it runs in the copy's thread afterwards,
-        whatever the copy did; returns whether it ran."""
+    async def _copy(self, chunks: list[int], by_device: bool) -> None:
+        """Claim ``chunks`` (none copied or in flight: the caller checked with no await
+        since), plan their copy and carry it out; failures corrupt the image."""
         done = trio.Event()
         for i in chunks:
             self._copying[i] = done
-        copy_error = write_error = None
-        ran = False
         try:
             with self.storage.in_flight.using():
-                jobs = self._jobs(chunks)
-                copy_error, write_error = await workers.run(self._copy_then, jobs, then)
-                ran = then is not None
-            if copy_error is not None:
-                raise copy_error
+                plan = self._plan(chunks)
+                await self._carry_out(plan)
             if not self.closed:
-                self._mark_copied(chunks, jobs, by_device)
-        except SnapfsError as exc:                 # no slot: nothing ran
+                self._mark_copied(plan, by_device)
+        except SnapfsError as exc:                 # no slot: nothing was copied
             self.corrupt(exc.errno)
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
@@ -120,52 +109,39 @@ class DiffArea:
             for i in chunks:
                 del self._copying[i]
             done.set()
-        if write_error is not None:
-            raise write_error
-        return ran
 
-    def _jobs(self, chunks: list[int]) -> list[tuple[int, int, int]]:
+    def _plan(self, chunks: list[int]) -> "CopyPlan":
         """Allocate a slot per chunk (in order, so slots of consecutive chunks follow
-        each other) and merge them into (source offset, size, slot) runs."""
-        jobs: list[list[int]] = []
+        each other) and merge them into runs of (source offset, size, slot): one read
+        and one write per run. SnapfsError(ENOSPC) when the storage has no slot."""
+        runs: list[list[int]] = []
         for i in chunks:
             start, end = self._chunk_span(i)
             slot = self.storage.alloc(end - start)
-            if jobs and jobs[-1][0] + jobs[-1][1] == start and jobs[-1][2] + jobs[-1][1] == slot:
-                jobs[-1][1] += end - start
+            if runs and runs[-1][0] + runs[-1][1] == start and runs[-1][2] + runs[-1][1] == slot:
+                runs[-1][1] += end - start
             else:
-                jobs.append([start, end - start, slot])
-        return [(a, b, c) for a, b, c in jobs]
+                runs.append([start, end - start, slot])
+        return CopyPlan(chunks, [(a, b, c) for a, b, c in runs])
 
-    def _mark_copied(self, chunks: list[int], jobs, by_device: bool) -> None:
-        slots = {}
-        for start, size, slot in jobs:
-            for off in range(0, size, self.chunk_size):
-                slots[(start + off) // self.chunk_size] = slot + off
-        for i in chunks:
-            self.slots[i] = slots[i]
-            self.copied[i] = 1
+    async def _carry_out(self, plan: "CopyPlan") -> None:
+        """Each run: read the take-time data from the source, write it to its slots
+        (``fileio``: inline where the page cache allows, else AIO or a thread)."""
+        for start, size, slot in plan.runs:
+            data = await self.source.io.read(start, size)
+            await self.storage.io.write(slot, data)
+
+    def _mark_copied(self, plan: "CopyPlan", by_device: bool) -> None:
+        cs = self.chunk_size
+        for start, size, slot in plan.runs:
+            for off in range(0, size, cs):
+                i = (start + off) // cs
+                self.slots[i] = slot + off
+                self.copied[i] = 1
         if by_device:
-            self.cow_copies += len(chunks)
+            self.cow_copies += len(plan.chunks)
         else:
-            self.image_copies += len(chunks)
-
-    def _copy_then(self, jobs, then) -> tuple:
-        """Worker thread: copy each run, then the device write whatever the copy did
-        (the original never suffers). Returns (copy error, write error)."""
-        copy_error = None
-        try:
-            for start, size, slot in jobs:
-                self.storage.write(slot, self.source.pread(start, size))
-        except OSError as exc:
-            copy_error = exc
-        if then is None:
-            return copy_error, None
-        try:
-            then()
-        except OSError as exc:
-            return copy_error, exc
-        return copy_error, None
+            self.image_copies += len(plan.chunks)
 
     def corrupt(self, code: int) -> None:
         """Mark the image corrupted with ``code`` (first error wins) and post the event."""
@@ -181,43 +157,49 @@ class DiffArea:
             raise SnapfsError(errno.EIO, f"snapshot image of {self.name} is corrupted "
                               f"(errno {self.error})")
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, prio: int = 0) -> bytes:
         """Image read: per chunk, the stored old data if copied, else the source.
         Runs of uncopied chunks are read from the source in one call (and read again
         if a chunk of the run was copied meanwhile), and runs of copied chunks whose
-        slots follow each other in the storage in one call."""
+        slots follow each other in the storage in one call. ``prio``: the reader's I/O
+        priority (``ioprio``), carried to the disk reads; the idle class also takes
+        its turn as if the devices were always busy."""
         self.check_usable()
-        end = min(offset + size, self.capacity)
-        parts = []
-        pos = offset
-        cs = self.chunk_size
+        parts: list[bytes] = []
         try:
             with self.storage.in_flight.using():
-                while pos < end:
-                    i = pos // cs
-                    if self.copied[i]:
-                        k = self._stored_run_end(i, (end - 1) // cs)
-                        stop = min(k * cs, end)
-                        data = await workers.read(self.storage, self.slots[i] + pos - i * cs, stop - pos,
-                                                 bulk=True)
-                    else:
-                        j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
-                        stop = end if j < 0 else min(j * cs, end)
-                        data = await workers.read(self.source, pos, stop - pos, bulk=True)
-                        k = (stop - 1) // cs + 1
-                        pending = self._copy_in_flight(i, k)
-                        if pending is not None:           # a copy (and maybe its write) in flight
-                            await pending.wait()
-                            continue
-                        if self.copied.find(1, i, k) >= 0:   # copied meanwhile: the source may
-                            continue                         # be newer: read again
-                    self.check_usable()
-                    parts.append(data)
-                    pos = stop
+                async with workers.bulk(ioprio.is_idle(prio)):
+                    await self._read_runs(offset, min(offset + size, self.capacity), parts, prio)
+                    await workers.priority.quiet()
         except OSError as exc:
             self.corrupt(exc.errno or errno.EIO)
             raise SnapfsError(errno.EIO, f"reading snapshot image of {self.name}: {exc}") from None
         return b"".join(parts)
+
+    async def _read_runs(self, pos: int, end: int, parts: list, prio: int) -> None:
+        """Image read of [pos, end) into ``parts``, run by run (``read``)."""
+        cs = self.chunk_size
+        while pos < end:
+            i = pos // cs
+            if self.copied[i]:
+                k = self._stored_run_end(i, (end - 1) // cs)
+                stop = min(k * cs, end)
+                data = await self.storage.io.read(self.slots[i] + pos - i * cs, stop - pos,
+                                                  bulk=True, prio=prio)
+            else:
+                j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
+                stop = end if j < 0 else min(j * cs, end)
+                data = await self.source.io.read(pos, stop - pos, bulk=True, prio=prio)
+                k = (stop - 1) // cs + 1
+                pending = self._copy_in_flight(i, k)
+                if pending is not None:           # a copy (and maybe its write) in flight
+                    await pending.wait()
+                    continue
+                if self.copied.find(1, i, k) >= 0:   # copied meanwhile: the source may
+                    continue                         # be newer: read again
+            self.check_usable()
+            parts.append(data)
+            pos = stop
 
     def _stored_run_end(self, i: int, last: int) -> int:
         """The chunk after the run that starts at copied chunk ``i``, ends at ``last``
@@ -238,12 +220,12 @@ class DiffArea:
             while pos < end:
                 i = pos // cs
                 stop = min((i + 1) * cs, end)
-                await self._copy_range(i, i, by_device=False)
+                await self._ensure_copied(i, i, by_device=False)
                 if not self.copied[i]:
                     self.check_usable()
                 try:
-                    await workers.run(self.storage.write, self.slots[i] + pos - i * cs,
-                                      view[pos - offset : stop - offset])
+                    await self.storage.io.write(self.slots[i] + pos - i * cs,
+                                                view[pos - offset : stop - offset])
                 except OSError as exc:
                     self.corrupt(exc.errno or errno.EIO)
                     self.check_usable()
@@ -264,3 +246,12 @@ class DiffArea:
             "error_code": -self.error if self.error else 0,
             "state": "corrupted" if self.error else "taken",
         }
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """The copies one write needs: the chunks it claimed and their runs of (source
+    offset, size, storage slot), each contiguous on both sides."""
+
+    chunks: list[int]
+    runs: list[tuple[int, int, int]]

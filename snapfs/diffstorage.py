@@ -28,7 +28,8 @@ import stat
 from collections.abc import Callable
 
 from .errors import SnapfsError
-from .workers import HitRate, InFlight, pread_nowait
+from .fileio import FileIO
+from .workers import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ class DiffStorage:
                  growable: bool = True, on_grow: "Callable[[DiffStorage], bool] | None" = None,
                  on_no_space: Callable[[int], None] | None = None):
         self.fd = fd
-        self.direct_fd = None      # storage reads go through threads (workers.read)
-        self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
+        self.io = FileIO(fd, self.read, self.write)   # the data path (no AIO: reads use threads)
         self.description = description
         self.capacity = capacity
         self.requested = capacity
@@ -56,8 +56,19 @@ class DiffStorage:
         self._low = False           # growth requested or no_space posted for this portion
         self.on_grow = on_grow            # starts a growth worker; False: grow inline
         self.on_no_space = on_no_space    # the limit is reached: post the event
-        self.fault: Callable[[str], None] | None = None   # test hook: may raise OSError
+        self._fault: Callable[[str], None] | None = None
         self.in_flight = InFlight()   # worker threads using ``fd``: close only when drained
+
+    @property
+    def fault(self) -> Callable[[str], None] | None:
+        """Test hook called with "write", "read" or "grow" before each blocking call;
+        may raise OSError. While set, no I/O of this storage runs inline."""
+        return self._fault
+
+    @fault.setter
+    def fault(self, hook: Callable[[str], None] | None) -> None:
+        self._fault = hook
+        self.io.inline = hook is None
 
     # ----- creation -----------------------------------------------------------------
 
@@ -189,7 +200,8 @@ class DiffStorage:
     # ----- I/O ----------------------------------------------------------------------
 
     def write(self, offset: int, data) -> None:
-        """Write all of ``data`` at ``offset``; OSError (ENOSPC for a short write)."""
+        """Write all of ``data`` at ``offset`` (blocking); OSError (ENOSPC for a short
+        write)."""
         if self.fault is not None:
             self.fault("write")
         if os.pwrite(self.fd, data, offset) != len(data):
@@ -199,16 +211,8 @@ class DiffStorage:
         """fsync the storage (blocking; a worker thread, never after ``close``)."""
         os.fsync(self.fd)
 
-    def pread_nowait(self, offset: int, size: int) -> bytes | None:
-        """The bytes if all are in the page cache, else None (always None under a fault
-        hook, so faults are injected in ``read``)."""
-        return None if self.fault is not None else pread_nowait(self.fd, size, offset)
-
-    def pread(self, offset: int, size: int) -> bytes:
-        return self.read(offset, size)
-
     def read(self, offset: int, size: int) -> bytes:
-        """Read exactly ``size`` bytes at ``offset``; OSError(EIO) if short."""
+        """Read exactly ``size`` bytes at ``offset`` (blocking); OSError(EIO) if short."""
         if self.fault is not None:
             self.fault("read")
         data = os.pread(self.fd, size, offset)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import control, procs
+from . import control, ioprio, procs, workers
 from .errors import SnapfsError
 from .namespace import View
 from .registry import INTERRUPT_CHECK, Registry
@@ -290,7 +290,7 @@ class DeviceFile(Entry):
         def release() -> None:
             t.open_handles -= 1
 
-        return BlockHandle(t, lambda: trio.to_thread.run_sync(t.sync), release)
+        return BlockHandle(t, t.sync, release)
 
 
 class ImageFile(Entry):
@@ -305,7 +305,7 @@ class ImageFile(Entry):
                      backup=True)
 
     async def open(self, ops, flags, ctx):
-        image = self.snap.image(self.name)
+        image = self.snap.image(self.name, ioprio.of(ctx.pid))
         return BlockHandle(image, lambda: ops.registry.sync_image(image.area))
 
 
@@ -445,7 +445,7 @@ class Operations(pyfuse3.Operations):
         inodes = [i for key, i in self._by_key.items() if key[0] == "image" and key[1] is snap]
         for inode in inodes:
             try:
-                await trio.to_thread.run_sync(self._invalidate, inode)
+                await workers.run(self._invalidate, inode)
             except OSError as exc:     # ENOENT: the kernel never looked it up
                 log.debug("invalidating image inode %d: %s", inode, exc)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import mountinfo
+from . import mountinfo, workers
 from .daemon import detach
 from .errors import SnapfsError
 from .fs import Operations
@@ -153,20 +153,23 @@ async def _tune_connection(registry: Registry, kib: int) -> None:
     the handshake): a stat of the mount from a worker thread waits for it, then the
     bdi and the connection are tuned."""
     try:
-        await trio.to_thread.run_sync(os.stat, registry.mountpoint)
+        await workers.run(os.stat, registry.mountpoint)
     except OSError as exc:
         log.warning("mount not answering (%s): read-ahead left as it is", exc)
         return
     if kib:
-        await trio.to_thread.run_sync(set_read_ahead, registry.mount_dev, kib)
-    await trio.to_thread.run_sync(set_background, registry.mount_dev)
+        await workers.run(set_read_ahead, registry.mount_dev, kib)
+    await workers.run(set_background, registry.mount_dev)
 
 
-# Asynchronous requests (read-ahead, and the direct I/O of a loop device stacked on a
-# device file) the kernel keeps in flight on the connection; libfuse asks for 12.
-# A backup's read-ahead of an image then takes most of them, and the writes of a
-# database on a loop device over a device file queue in the kernel behind it.
-MAX_BACKGROUND = 64
+# Asynchronous requests (read-ahead, direct I/O: libfuse turns on async_dio, and the
+# I/O of a loop device stacked on a device file) the kernel keeps in flight on the
+# connection; libfuse asks for 12. Past the limit the kernel queues them first in,
+# first out: image reads waiting in the daemon for their turn (workers.bulk) would fill
+# it, and a device request would wait in the kernel behind every image request queued
+# before it, out of reach of the daemon's priorities. So the limit is far above what
+# image reads keep waiting.
+MAX_BACKGROUND = 512
 
 
 FUSECTL = "/sys/fs/fuse/connections"
@@ -259,6 +262,10 @@ def run(config: MountConfig, ready=None) -> int:
 # request that finds none waiting: with requests waiting on worker threads that is
 # one task start and end per request, on the one trio thread.
 FUSE_TASKS = 48
+# At most this many requests in the daemon at once (pyfuse3's default is 99). Image
+# reads wait for their turn (workers.bulk) in a request task; with too few tasks, many
+# parked image reads would leave none to take the devices' next request from /dev/fuse.
+FUSE_MAX_TASKS = 1024
 
 
 async def serve(registry: Registry, ops: Operations, ready, read_ahead_kb: int = 0) -> None:
@@ -271,7 +278,7 @@ async def serve(registry: Registry, ops: Operations, ready, read_ahead_kb: int =
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
         log.info("serving %s with %d devices", registry.mountpoint, len(registry.devices))
-        await pyfuse3.main(min_tasks=FUSE_TASKS)
+        await pyfuse3.main(min_tasks=FUSE_TASKS, max_tasks=FUSE_MAX_TASKS)
         nursery.cancel_scope.cancel()
 
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import trio
 
-from . import __version__
+from . import __version__, workers
 from .cbt import CBT
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
@@ -153,7 +153,7 @@ class Registry:
         check_name(name)
         if name in self.devices:
             raise SnapfsError(errno.EEXIST, f"device name {name!r} is taken")
-        source = await trio.to_thread.run_sync(open_source, path, self.guard(), self.mountpoint, view)
+        source = await workers.run(open_source, path, self.guard(), self.mountpoint, view)
         try:
             await self._check_under_storage(name, source)
             tracker = self.add_device(name, source)
@@ -170,7 +170,7 @@ class Registry:
         for snap in list(self.snapshots.values()):
             if snap.storage.closed:
                 continue
-            reason = await trio.to_thread.run_sync(only.why_not, os.fstat(snap.storage.fd), True)
+            reason = await workers.run(only.why_not, os.fstat(snap.storage.fd), True)
             if reason:
                 raise SnapfsError(errno.EINVAL, f"{source.path} is under the storage of snapshot "
                                   f"{snap.id} ({snap.storage.description} {reason})")
@@ -211,7 +211,7 @@ class Registry:
         """Re-check a snapshot's storage against the devices attached now (one may
         have been attached after create). EINVAL naming the reason."""
         st = os.fstat(snap.storage.fd)     # on this thread: destroy may close the fd
-        reason = await trio.to_thread.run_sync(self.guard().why_not, st, True)
+        reason = await workers.run(self.guard().why_not, st, True)
         if reason:
             raise SnapfsError(errno.EINVAL, f"storage {snap.storage.description}: {reason}")
 
@@ -240,7 +240,7 @@ class Registry:
             finally:
                 target.close()
 
-        store = await trio.to_thread.run_sync(open_storage)
+        store = await workers.run(open_storage)
         snap = Snapshot(store, self.params, events)
         try:
             for name in names:   # re-check: the registry may have changed during the await
@@ -308,7 +308,7 @@ class Registry:
         storage = snap.destroy()
         await self.listener.snapshot_destroyed(snap)
         await storage.in_flight.drained()  # never close an fd a thread still uses
-        await trio.to_thread.run_sync(storage.close)
+        await workers.run(storage.close)
         log.info("destroyed snapshot %s", snap_id)
 
     def request_stop(self, force: bool) -> None:
@@ -364,7 +364,7 @@ class Registry:
         if area.closed:
             return
         with area.storage.in_flight.using():
-            await trio.to_thread.run_sync(area.storage.sync)
+            await workers.run(area.storage.sync)
 
     # ----- storage growth -----------------------------------------------------------
 
@@ -382,7 +382,7 @@ class Registry:
         target = storage.requested
         with storage.in_flight.using():
             try:
-                await trio.to_thread.run_sync(storage.grow_blocking, target)
+                await workers.run(storage.grow_blocking, target)
             except OSError as exc:
                 storage.grow_failed(exc)
             else:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import freeze
+from . import freeze, workers
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
@@ -49,12 +49,13 @@ class Image:
     one). Reads: stored old data or the source; writes: only to the storage, marking
     both CBT maps."""
 
-    def __init__(self, tracker: Tracker, area: DiffArea):
+    def __init__(self, tracker: Tracker, area: DiffArea, prio: int = 0):
         self.tracker = tracker
         self.area = area
+        self.prio = prio          # the opener's I/O priority (ioprio), for its reads
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.area.read(offset, size)
+        return await self.area.read(offset, size, self.prio)
 
     async def write(self, offset: int, data) -> int:
         return await self.tracker.image_write(self.area, offset, data)
@@ -120,9 +121,10 @@ class Snapshot:
         self.events.close()
         return self.storage
 
-    def image(self, name: str) -> Image:
-        """The image of member ``name`` (taken snapshots only; KeyError otherwise)."""
-        return Image(self.trackers[name], self.areas[name])
+    def image(self, name: str, prio: int = 0) -> Image:
+        """The image of member ``name`` as read with I/O priority ``prio`` (taken
+        snapshots only; KeyError otherwise)."""
+        return Image(self.trackers[name], self.areas[name], prio)
 
     def error_code(self, name: str) -> int:
         area = self.areas.get(name)
@@ -165,7 +167,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     frozen: list = []
     try:
         if not nofreeze:
-            frozen, snap.not_frozen = await trio.to_thread.run_sync(_freeze_stacked, device_files)
+            frozen, snap.not_frozen = await workers.run(_freeze_stacked, device_files)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
         if snap.taken:
@@ -175,7 +177,7 @@ async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
     finally:
         if frozen:   # always, even when cancelled: a frozen filesystem blocks its writers
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(freeze.thaw, frozen)
+                await workers.run(freeze.thaw, frozen)
 
 
 def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> tuple[list, list[str]]:

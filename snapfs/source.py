@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from . import aio
 from .errors import SnapfsError
+from .fileio import FileIO
 from .params import SECTOR
-from .workers import HitRate, pread_nowait
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -46,8 +46,7 @@ class Source:
     def __init__(self, path: str, fd: int, size: int, st: os.stat_result, kind: str):
         self.path = path
         self.fd = fd
-        self.direct_fd = aio.open_direct(fd)   # O_DIRECT reads of misses (workers.read), or None
-        self.cache = HitRate()     # page-cache hits of inline reads (workers.read)
+        self.io = FileIO(fd, self.pread, self.pwrite, aio.open_direct(fd))   # the data path
         self.size = size
         self.st = st
         self.kind = kind
@@ -110,16 +109,14 @@ class Source:
         return Identity(self.path, st.st_dev, st.st_ino, self.size, st.st_mtime_ns, self.kind)
 
     def pread(self, offset: int, size: int) -> bytes:
+        """Blocking read of exactly ``size`` bytes (OSError EIO if short)."""
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise OSError(errno.EIO, f"short read from {self.path}")
         return data
 
-    def pread_nowait(self, offset: int, size: int) -> bytes | None:
-        """The bytes if all are in the page cache (no I/O wait), else None."""
-        return pread_nowait(self.fd, size, offset)
-
     def pwrite(self, offset: int, data) -> None:
+        """Blocking write of all of ``data``."""
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -141,8 +138,8 @@ class Source:
         """Drop the claim first: while the lock is held no other mount can claim."""
         if self.claim is not None:
             self.claim.release()
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
+        if self.io.direct_fd is not None:
+            os.close(self.io.direct_fd)
         os.close(self.fd)
 
 

@@ -1,14 +1,15 @@
 """Per device: the source, its CBT, the write path and the write gate.
 
-Write path (``write``), once admitted by the gate:
+Write path (``write``), the one owner of a device write, once admitted by the gate:
     1. clip to the device size (sizes are fixed);
     2. mark the CBT write map (before COW, so even a failed copy is tracked);
-    3. if a snapshot is taken: make sure every chunk it touches is copied
-       (diffarea.cow: copies in worker threads, one per chunk), which never fails the
-       write;
-    4. pwrite to the source in a worker thread.
+    3. if a snapshot is taken: ``DiffArea.before_write`` returns once every chunk the
+       write touches is in the storage (or the image is corrupted: it never fails the
+       write);
+    4. write to the source (``source.io``: inline when the page cache takes it at
+       once, else a worker thread).
 Errors of step 4 are real device errors and reach the writer as-is. Reads go to the
-source directly (page-cache fast path, else a worker thread).
+source directly (``source.io``).
 
 The gate implements take's "stop admitting writes, wait for in-flight ones"
 (docs/design.md section 5 step 3): a write counts as in flight from admission until
@@ -16,7 +17,6 @@ its source write returned.
 """
 
 import errno
-import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -96,15 +96,17 @@ class Tracker:
     async def write(self, offset: int, data) -> int:
         """Device write (see module docstring). Returns the bytes written."""
         self._check_attached()
+        with workers.priority.request():
+            return await self._write(offset, data)
+
+    async def _write(self, offset: int, data) -> int:
         async with self.gate.admitted():
             n = self._clip(offset, len(data))
             self.cbt.mark(offset, n)
-            view, area = memoryview(data)[:n], self.area
+            if self.area is not None:
+                await self.area.before_write(offset, n)
             try:
-                written = area is not None and await area.cow(
-                    offset, n, then=functools.partial(self.source.pwrite, offset, view))
-                if not written:
-                    await workers.run(self.source.pwrite, offset, view)
+                await self.source.io.write(offset, memoryview(data)[:n])
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
             self.bytes_written += n
@@ -116,11 +118,10 @@ class Tracker:
         async with self.gate.admitted():
             n = self._clip(offset, length)
             self.cbt.mark(offset, n)
-            area = self.area
-            if area is not None:
-                await area.cow(offset, n)
+            if self.area is not None:
+                await self.area.before_write(offset, n)
             try:
-                await workers.run(self.source.punch, offset, n)
+                await self.source.io.run(self.source.punch, offset, n)
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
 
@@ -129,15 +130,20 @@ class Tracker:
         self._check_attached()
         size = max(0, min(size, self.capacity - offset))
         try:
-            return await workers.read(self.source, offset, size) if size else b""
+            with workers.priority.request():
+                return await self.source.io.read(offset, size) if size else b""
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
 
-    def sync(self) -> None:
-        """fsync of the device file: fdatasync the source (blocking: a worker thread;
-        detach waits for no open handle, so the fd stays open)."""
+    async def sync(self) -> None:
+        """fsync of the device file: fdatasync the source in a worker thread (detach
+        waits for no open handle, so the fd stays open)."""
         self._check_attached()
-        self.source.fsync()
+        try:
+            with workers.priority.request():
+                await self.source.io.run(self.source.fsync)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"syncing device {self.name}") from None
 
     async def image_write(self, area: DiffArea, offset: int, data) -> int:
         """Snapshot-image write to ``area`` (the one the handle was opened on): marks

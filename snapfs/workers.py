@@ -1,56 +1,38 @@
-"""Blocking file I/O off the trio thread, in parallel, and the counters that let a
-destroy or a take wait for it.
+"""Blocking calls off the trio thread: one pool of worker threads for every blocking
+call of the daemon (data I/O that cannot run inline, opens, fsync, freeze, cache
+invalidation), the page-cache read that never waits (``pread_nowait``), the bulk slots
+that keep image reads behind the devices' own I/O, and the in-flight counters that let
+a destroy or a take wait for I/O. Where each data read and write runs is decided in
+``fileio``.
 
-``read`` first tries ``preadv(RWF_NOWAIT)`` inline: data in the page cache costs no
-thread hop; a miss (EAGAIN, or a short read) is read with O_DIRECT through Linux AIO
-where the file has an O_DIRECT descriptor (``aio.pread``: no thread, no GIL hand-off),
-else, or where AIO cannot serve it, in a worker thread; while a file's attempts mostly
-miss, its reads skip the inline attempt (``HitRate``). Writes always
-go to a worker thread (buffered ``pwritev(RWF_NOWAIT)`` is EOPNOTSUPP on ext4 here,
-and a buffered write may wait in dirty-page throttling). ``THREADS`` long-lived
-threads take calls from one queue, so N requests in flight on a device become N
-requests in flight on its source.
-
-Why a pool of our own and not ``trio.to_thread.run_sync``: the trio thread is the
-bottleneck (100% CPU with 16 readers of an uncached device), and to_thread's
-per-call work (limiter, thread cache, names) costs it more than one queue put and
-one ``run_sync_soon``: 16 random 4 KiB readers of an uncached loop device measured
-6277 IOPS with to_thread and 7734 with the pool (1 reader: 5427 and 6749). A call
-cannot be cancelled once queued, like to_thread's default.
+Why a pool of our own and not ``trio.to_thread.run_sync``: its per-call work
+(limiter, thread cache, names) costs the trio thread, the daemon's bottleneck, more
+than one queue put and one batched wake-up (docs/performance.md). A call cannot be
+cancelled once queued, like to_thread's default.
 
 Everything here runs on the trio thread except the functions handed to ``run``.
 """
 
 import collections
+import contextvars
 import errno
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import outcome
 import trio
-
-from . import aio
 
 THREADS = 32
 
 
 async def run(fn: Callable, *args):
     """``fn(*args)`` in a worker thread (at most THREADS at once); its result, or its
-    exception raised here. Foreground work: device I/O and copies (image reads go
-    through ``read(..., bulk=True)``, which yields to it)."""
-    _foreground()
+    exception raised here."""
     return await _pool.run(fn, *args)
-
-
-def _foreground() -> None:
-    """Device I/O is waiting on the disk now (``bulk_slots`` yields to it)."""
-    global _last_foreground
-    _last_foreground = time.monotonic()
 
 
 class Pool:
@@ -58,8 +40,7 @@ class Pool:
     worker appends its result to ``_done`` and wakes the trio thread with one
     ``run_sync_soon`` only if no wake-up is already pending, so under load one wake-up
     delivers many results. One trio run uses the pool at a time (the daemon's; tests
-    run one after another). 16 random readers of an uncached device: 20k reads/s with a
-    wake-up per result, 35k with batches, in a loop without FUSE)."""
+    run one after another)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -129,96 +110,114 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
 _scratch = memoryview(bytearray(0))
 
 
-class HitRate:
-    """How often the inline attempt (``pread_nowait``) on one file found its data in
-    the page cache, as a moving average. A miss is not free: RWF_NOWAIT starts the
-    disk read before it gives up (the kernel's read-ahead path), and that costs the trio
-    thread about 0.3 ms per MiB and 20-40 us per 4 KiB request. So while misses
-    dominate, reads go straight to a worker thread, which then pays for it, and only
-    every PROBE-th read tries inline, to notice when the data is cached again."""
-
-    PROBE = 16
-    __slots__ = ("rate", "skipped")
-
-    def __init__(self) -> None:
-        self.rate = 1.0
-        self.skipped = 0
-
-    def worth_trying(self) -> bool:
-        if self.rate >= 0.25:
-            return True
-        self.skipped += 1
-        if self.skipped < self.PROBE:
-            return False
-        self.skipped = 0
-        return True
-
-    def record(self, hit: bool) -> None:
-        self.rate += ((1.0 if hit else 0.0) - self.rate) / 8
-
-
-class Readable(Protocol):
-    cache: HitRate
-    direct_fd: int | None       # an O_DIRECT descriptor for ``aio.pread``, or None
-
-    def pread_nowait(self, offset: int, size: int) -> bytes | None: ...
-    def pread(self, offset: int, size: int) -> bytes: ...
-
-
-async def read(file: Readable, offset: int, size: int, bulk: bool = False) -> bytes:
-    """``file.pread`` with the page-cache fast path (module docstring, ``HitRate``).
-    ``bulk``: a snapshot-image read, which waits for a slot of ``bulk_slots`` before
-    it waits on the disk (AIO or a thread); other reads count as foreground I/O."""
-    if file.cache.worth_trying():
-        data = file.pread_nowait(offset, size)
-        file.cache.record(data is not None)
-        if data is not None:
-            return data
-    if bulk:
-        async with bulk_slots():
-            return await _read_miss(file, offset, size)
-    _foreground()
-    return await _read_miss(file, offset, size)
-
-
-async def _read_miss(file: Readable, offset: int, size: int) -> bytes:
-    """A read the page cache could not answer: AIO where the file has an O_DIRECT
-    descriptor and AIO can serve it, else a worker thread."""
-    if file.direct_fd is not None:
-        data = await aio.pread(file.direct_fd, offset, size)
-        if data is not None:
-            return data
-    return await _pool.run(file.pread, offset, size)
-
-
-# Image reads that may wait on the disk at once: BULK_IDLE, and BULK_BUSY while the
-# devices have had I/O waiting on the disk (a worker thread or an AIO read) within the
-# last FOREGROUND_WINDOW seconds.
-# A backup copy of an image streams large reads (the kernel's read-ahead keeps many in
-# flight); unbounded, they fill the thread pool and the disk queue, and the workload's
-# own requests on the devices wait behind them. pgbench on ext4 over a snapfs device,
-# tps during a cp of a 2 GiB image relative to a plain copy of as much data from the
-# same disk (noisy VM, rounds of two): unbounded 0.20-0.25, 2 slots 0.35-0.59, 1 slot
-# 0.67-0.76; the image copy stayed as fast as the plain one in all of them.
+# The devices' requests before the images' (docs/concurrency.md rule 4). A backup copy
+# of an image streams large reads (the kernel's read-ahead keeps several in flight);
+# unbounded, they fill the thread pool, the disk queue and the trio thread, and the
+# workload's own requests on the devices wait behind them (docs/performance.md). So:
+# image reads at once: BULK_IDLE, and BULK_BUSY while the devices had a request within
+# the last DEVICE_WINDOW seconds; an image read does its work on the trio thread (its
+# start, and the reply once its data is in) only while no device request is ready to
+# run there, or after waiting QUIET_LIMIT for that (so a busy loop still copies);
+# and while the devices are busy, each image read keeps its slot for a pause of YIELD
+# times its own duration (at most MAX_PAUSE) after it, so image reads take at most
+# 1 / (1 + YIELD) of the loop and the disk, and requests that queue behind them wait
+# parked in the daemon, not in the kernel's queue ahead of the next device request.
 BULK_IDLE = 4
 BULK_BUSY = 1
-FOREGROUND_WINDOW = 0.1
+DEVICE_WINDOW = 0.1
+QUIET_LIMIT = 0.02
+YIELD = 0.5
+MAX_PAUSE = 0.02
 _bulk = trio.lowlevel.RunVar("snapfs_bulk_slots")
-_last_foreground = -1e9
+_in_device_request: contextvars.ContextVar[bool] = contextvars.ContextVar("snapfs_device_request",
+                                                                         default=False)
 
 
-def bulk_slots() -> trio.CapacityLimiter:
-    """This run's limiter for image reads that need a thread, sized for now: BULK_BUSY
-    slots while the devices are busy, BULK_IDLE otherwise (a smaller size applies to
-    new reads; reads holding a slot finish)."""
+class Priority:
+    """The devices' requests before the images' (trio thread only). ``ready``: device
+    requests in a handler and not waiting on I/O, i.e. wanting the trio thread;
+    ``last``: when one last began or resumed."""
+
+    def __init__(self) -> None:
+        self.ready = 0
+        self.last = -1e9
+        self._quiet: trio.Event | None = None
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around a device request's handler."""
+        token = _in_device_request.set(True)
+        self._up()
+        try:
+            yield
+        finally:
+            self._down()
+            _in_device_request.reset(token)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around an I/O wait (AIO, a worker thread); counts only inside ``request``."""
+        if not _in_device_request.get():
+            yield
+            return
+        self._down()
+        try:
+            yield
+        finally:
+            self._up()
+
+    def busy(self) -> bool:
+        return self.ready > 0 or time.monotonic() - self.last < DEVICE_WINDOW
+
+    async def quiet(self) -> None:
+        """Return once no device request is ready, or after QUIET_LIMIT."""
+        if not self.ready:
+            return
+        with trio.move_on_after(QUIET_LIMIT):
+            while self.ready:
+                if self._quiet is None:
+                    self._quiet = trio.Event()
+                await self._quiet.wait()
+
+    def _up(self) -> None:
+        self.ready += 1
+        self.last = time.monotonic()
+
+    def _down(self) -> None:
+        self.ready -= 1
+        if not self.ready and self._quiet is not None:
+            self._quiet.set()
+            self._quiet = None
+
+
+priority = Priority()
+
+
+def bulk_slots(busy: bool) -> trio.CapacityLimiter:
+    """This run's limiter for image reads, sized for now: BULK_BUSY slots while the
+    devices are ``busy``, BULK_IDLE otherwise (a smaller size applies to new reads;
+    reads holding a slot finish)."""
     try:
         limiter = _bulk.get()
     except LookupError:
         limiter = trio.CapacityLimiter(BULK_IDLE)
         _bulk.set(limiter)
-    busy = time.monotonic() - _last_foreground < FOREGROUND_WINDOW
     limiter.total_tokens = BULK_BUSY if busy else BULK_IDLE
     return limiter
+
+
+@asynccontextmanager
+async def bulk(idle: bool = False) -> AsyncIterator[None]:
+    """One image read's turn: a slot of ``bulk_slots``, then ``priority.quiet``; after
+    the read, while the devices are busy, the pause (not after a failed read). The
+    reader calls ``priority.quiet`` again before it returns its data. ``idle``: a
+    reader of the idle I/O class, treated as if the devices were always busy."""
+    async with bulk_slots(idle or priority.busy()):
+        await priority.quiet()
+        t0 = time.monotonic()
+        yield
+        if idle or priority.busy():
+            await trio.sleep(min((time.monotonic() - t0) * YIELD, MAX_PAUSE))
 
 
 class InFlight:

@@ -9,7 +9,7 @@ import random
 import pytest
 import trio
 
-from snapfs import aio, workers
+from snapfs import aio
 from snapfs.source import Source
 
 MiB = 1024 * 1024
@@ -138,16 +138,16 @@ def test_reads_in_flight_finish_although_cancelled_and_each_run_has_its_own_ring
 
 
 async def test_more_reads_than_slots_fall_back_and_workers_read_serves_all(datafile):
-    """Beyond MAX_IN_FLIGHT pieces at once aio answers None; ``workers.read`` then
+    """Beyond MAX_IN_FLIGHT pieces at once aio answers None; ``FileIO.read`` then
     reads through a thread: all 400 reads are correct."""
     path, content = datafile
     source = Source.open(str(path))
-    source.cache.rate = 0.0            # skip the inline attempt, as after misses
+    source.io.hits.rate = 0.0            # skip the inline attempt, as after misses
     results = {}
 
     async def one(i):
         offset = (i * 37 % 1000) * 4096
-        results[i] = (offset, await workers.read(source, offset, 4096))
+        results[i] = (offset, await source.io.read(offset, 4096))
 
     try:
         async with trio.open_nursery() as nursery:
@@ -160,10 +160,10 @@ async def test_more_reads_than_slots_fall_back_and_workers_read_serves_all(dataf
 
 def test_without_an_aio_context_reads_go_to_threads(datafile, monkeypatch):
     """io_setup refused (fs.aio-max-nr reached): aio answers None for the whole run and
-    ``workers.read`` serves every read through a thread, correctly."""
+    ``FileIO.read`` serves every read through a thread, correctly."""
     path, content = datafile
     source = Source.open(str(path))
-    source.cache.rate = 0.0
+    source.io.hits.rate = 0.0
 
     def refuse(*args):
         raise OSError(errno.EAGAIN, "io_setup")
@@ -171,8 +171,8 @@ def test_without_an_aio_context_reads_go_to_threads(datafile, monkeypatch):
     monkeypatch.setattr(aio._k, "io_setup", refuse)
 
     async def main():
-        assert await aio.pread(source.direct_fd, 0, 4096) is None
-        return [await workers.read(source, k * 8192, 8192) for k in range(8)]
+        assert await aio.pread(source.io.direct_fd, 0, 4096) is None
+        return [await source.io.read(k * 8192, 8192) for k in range(8)]
 
     try:
         got = trio.run(main)
@@ -189,7 +189,7 @@ def test_without_the_libaio_library_sources_have_no_direct_fd(datafile, monkeypa
     monkeypatch.setattr(aio, "_MISSING", "libaio.so.1: cannot open shared object file")
     source = Source.open(str(path))
     try:
-        assert source.direct_fd is None
-        assert trio.run(workers.read, source, 4096, 4096) == content[4096:8192]
+        assert source.io.direct_fd is None
+        assert trio.run(source.io.read, 4096, 4096) == content[4096:8192]
     finally:
         source.close()

@@ -14,7 +14,8 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "mountinfo", "namespace", "procs", "aio", "workers", "stack", "freeze",  # leaves
+    "errors", "params", "mountinfo", "namespace", "procs", "ioprio", "aio", "workers", "fileio",  # leaves
+    "stack", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
     "fs", "stop", "daemon", "mount",                                # the FUSE adapter, lifecycle

@@ -148,3 +148,55 @@ def test_parallel_writers_and_readers_on_an_uncached_block_device(mounter, tmp_p
         m.ok("detach b")
     finally:
         run("losetup", "-d", loop)
+
+
+def test_a_device_request_is_answered_while_many_image_reads_wait(mounter, tmp_path, storage_dir):
+    """The workload before the backup: 160 O_DIRECT readers of a snapshot image keep
+    requests parked in the daemon (image reads take turns on the disk), and a device
+    read still gets its answer at once, not after the image reads queued before it."""
+    make_device(tmp_path / "disk.img", 64 * MiB, seed=11)
+    loop = run("losetup", "--find", "--show", "--direct-io=on", str(tmp_path / "disk.img"))
+    try:
+        m = mounter({"b": loop}, options=OPTIONS)
+        snap = m.snapshot(storage_dir, "64M", "b")
+        stop = threading.Event()
+        done = [0]
+
+        def image_reader(seed):
+            fd = os.open(m.image(snap, "b"), os.O_RDONLY | os.O_DIRECT)
+            buf, rnd = aligned(MiB), random.Random(seed)
+            try:
+                while not stop.is_set():
+                    os.preadv(fd, [buf], rnd.randrange(63) * MiB)
+                    done[0] += 1
+            finally:
+                os.close(fd)
+
+        readers = [threading.Thread(target=image_reader, args=(k,), daemon=True) for k in range(160)]
+        for t in readers:
+            t.start()
+        time.sleep(1.0)
+        before = done[0]
+        waits = []
+        fd = os.open(m.dev("b"), os.O_RDONLY | os.O_DIRECT)
+        buf, rnd = aligned(4096), random.Random(3)
+        try:
+            for _ in range(20):
+                t0 = time.monotonic()
+                os.preadv(fd, [buf], rnd.randrange(16384) * 4096)
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
+        queued = done[0] - before
+        stop.set()
+        for t in readers:
+            t.join(60)
+        m.ok(f"snapshot_destroy {snap}")
+        m.ok("detach b")
+    finally:
+        run("losetup", "-d", loop)
+    waits.sort()
+    print("device read waits (ms):", [round(w * 1000, 1) for w in waits], "image reads meanwhile:", queued)
+    assert queued > 20, "the image readers did not run"
+    assert waits[len(waits) // 2] < 0.05 and waits[-1] < 0.5, waits

@@ -221,17 +221,11 @@ async def test_source_read_error_during_copy_corrupts_image(env):
     snap = await env.snapshot("64M", "d")
     area = snap.areas["d"]
 
-    class Flaky:
-        def __init__(self, real):
-            self.real = real
+    def failing(offset, size):
+        raise OSError(errno.EIO, "injected source read error")
 
-        def pread_nowait(self, offset, size):
-            return None                  # as if not cached: the blocking read fails
-
-        def pread(self, offset, size):
-            raise OSError(errno.EIO, "injected source read error")
-
-    area.source = Flaky(area.source)
+    area.source.io.inline = False            # as if not cached: the blocking read fails
+    area.source.io.pread = failing
     await env.touch_chunks("d", [2])
     env.check_devices()
     assert area.error == errno.EIO and corrupted_events(snap) == [("d", errno.EIO)]

@@ -97,32 +97,22 @@ async def test_image_reads_across_stored_runs(tmp_path):
 
 # ----- per-chunk ordering with I/O in worker threads -----------------------------------------
 
-class Slow:
-    """Wraps a source or storage: the chosen blocking call sleeps first (in its worker
-    thread), so other requests run while it is in flight; nothing is served from the
-    page cache inline."""
+def slow(io, call: str, seconds: float = 0.2) -> None:
+    """Make a file's data path (``FileIO``) run every call in a worker thread, and the
+    first blocking ``call`` ("pread" or "pwrite") sleep there first, so other requests
+    run while it is in flight."""
+    real = getattr(io, call)
+    armed = [True]
 
-    def __init__(self, real, call: str, seconds: float = 0.2):
-        self.real, self.call, self.seconds, self.armed = real, call, seconds, True
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def pread_nowait(self, offset, size):
-        return None
-
-    def _slow(self, name, *args):
-        if self.armed and name == self.call:
-            self.armed = False
+    def sleepy(*args):
+        if armed[0]:
+            armed[0] = False
             import time
-            time.sleep(self.seconds)
-        return getattr(self.real, name)(*args)
+            time.sleep(seconds)
+        return real(*args)
 
-    def pread(self, offset, size):
-        return self._slow("pread", offset, size)
-
-    def write(self, offset, data):
-        return self._slow("write", offset, data)
+    io.inline = False
+    setattr(io, call, sleepy)
 
 
 async def test_a_second_write_waits_for_the_chunks_copy(tmp_path):
@@ -131,7 +121,7 @@ async def test_a_second_write_waits_for_the_chunks_copy(tmp_path):
     tracker, snap, data = make(tmp_path)
     snap.switch()
     area = snap.areas["d"]
-    area.storage = Slow(area.storage, "write")
+    slow(area.storage.io, "pwrite")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tracker.write, 0, b"A" * 10)
         await trio.sleep(0.05)                             # A's copy is in flight
@@ -150,7 +140,7 @@ async def test_an_image_read_racing_a_copy_and_write_rereads(tmp_path):
     tracker, snap, data = make(tmp_path)
     snap.switch()
     area = snap.areas["d"]
-    area.source = Slow(area.source, "pread")           # the image read's source read
+    slow(area.source.io, "pread")                      # the image read's source read
     result: list[bytes] = []
 
     async def read():

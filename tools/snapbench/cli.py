@@ -26,11 +26,14 @@ random data; QEMU as a host_device node), page cache dropped before every job;
 of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
 random reads with the source in the page cache; --real-only runs only it.
 
-Backup under load (third table, ``underload``; --no-load skips it, and it is skipped
-when PostgreSQL 15 is not installed): pgbench on ext4 over a snapfs device over an
-uncached loop device; tps while ``cp`` copies a snapshot image against tps while it
-copies as much plain data from the same disk; --load-rounds rounds; --load-only runs
-only it.
+Interposition and backup under load (``interpose`` and ``underload``; --no-load skips
+them, and they are skipped when PostgreSQL 15 is not installed): pgbench on ext4 over
+the raw uncached loop device, a snapfs device on it and QEMU's export of it, no backup
+(--interpose-runtime s each); then pgbench on ext4 over a snapfs device over a sparse
+and a fully written uncached source, per second while ``cp`` copies a snapshot image,
+while ``snapfs backup create`` runs and while ``cp`` copies as much plain data from
+the same disk (--load-source picks one source); --load-rounds rounds; --load-only runs
+only these.
 
 Backup (fourth table, ``snapbench/backup.py``; --no-backup skips it, --backup-only runs
 only it): ``snapfs backup`` against ``borg create`` and ``dd`` on one uncached
@@ -58,6 +61,7 @@ from snapfs.params import parse_size
 from .backup import run_backup_bench
 from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
+from .interpose import INTERPOSE_ROWS, run_interpose
 from .memory import run_memory_test
 from .qemu import Qemu
 from .realdev import run_real_device
@@ -74,9 +78,9 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
          "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False,
-         "backup_size": 64 * MiB}
+         "backup_size": 64 * MiB, "interpose_runtime": 5}
 NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
-           "load_size", "load_rounds", "backup_size")
+           "load_size", "load_rounds", "backup_size", "interpose_runtime")
 
 
 def _size_arg(text: str) -> int:
@@ -110,6 +114,11 @@ def parser() -> argparse.ArgumentParser:
                    "table too (--quick skips it)")
     p.add_argument("--load-size", type=_size_arg, help="snapfs device under pgbench (default 2G)")
     p.add_argument("--load-rounds", type=int, help="rounds of the backup-under-load table (default 3)")
+    p.add_argument("--interpose-runtime", type=int,
+                   help="seconds of pgbench per contender in the interposition table (default 30)")
+    p.add_argument("--load-source", choices=("sparse", "full", "both"), default="both",
+                   help="source of the backup-under-load table: a sparse disk image, a fully "
+                        "written one, or both (default)")
     p.add_argument("--backup-size", type=_size_arg, help="device of the backup table (default 4G)")
     p.add_argument("--no-backup", action="store_true", help="skip the backup table")
     p.add_argument("--backup-only", action="store_true", help="run only the backup table")
@@ -133,6 +142,7 @@ def parse_args(argv: list[str] | None) -> Config:
             setattr(cfg, key, getattr(a, key))
     if (a.load and a.quick) or a.load_only:
         cfg.load = True
+    cfg.load_kinds = ("sparse", "full") if a.load_source == "both" else (a.load_source,)
     sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0
                    for n in (cfg.size, cfg.real_size, cfg.load_size, cfg.backup_size))
     if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds) < 1 or not sizes_ok:
@@ -195,6 +205,7 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
     if cfg.only == "real":
         run_real(cfg, work, res)
     if cfg.load and cfg.only in (None, "load"):
+        guarded(res, [row.key for row in INTERPOSE_ROWS], "snapfs", run_interpose, cfg, work, res)
         guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
     if cfg.backup and cfg.only in (None, "backup"):
         text, rows = run_backup_bench(cfg, work)

@@ -50,6 +50,8 @@ class Config:
     load: bool = True            # the backup-under-load section (underload)
     load_size: int = 2 * GiB     # its snapfs device (and the plain region)
     load_rounds: int = 3
+    load_kinds: tuple = ("sparse", "full")   # sources of the backup-under-load table
+    interpose_runtime: int = 30  # seconds of pgbench per contender in the interposition table
     backup: bool = True          # the backup section (snapbench/backup.py)
     backup_size: int = 4 * GiB   # its device
     only: str | None = None      # run only this section: "load", "backup" or "real"

@@ -123,6 +123,16 @@ class Snapfs(Contender):
         """One control command (raises SnapfsError on failure)."""
         return snapfs_command(str(self.mnt), line)
 
+    def cli_args(self, *args: str) -> list[str]:
+        """The command line of ``snapfs -m MNT ARGS...``."""
+        return [sys.executable, "-m", "snapfs", "-m", str(self.mnt), *args]
+
+    def cli(self, *args: str) -> None:
+        """Run ``snapfs -m MNT ARGS...``; BenchError with its output when it fails."""
+        done = subprocess.run(self.cli_args(*args), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"snapfs {' '.join(args)} failed: {(done.stderr or done.stdout)[-500:]}")
+
     def take(self) -> Take:
         """snapshot_create (storage dir, limit) then snapshot_take, timed."""
         self.snap_id = self.ctl(f"snapshot_create {self.store} {self.storage} d")["id"]

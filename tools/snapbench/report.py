@@ -168,8 +168,9 @@ def report(res: Results, cfg: Config, started: float) -> str:
     if real:
         parts.append(real_device_table(real, res, cfg))
     if cfg.load and cfg.only in (None, "load"):
+        from .interpose import interpose_table
         from .underload import load_table
-        parts.append(load_table(res, cfg))
+        parts += [interpose_table(res, cfg), load_table(res, cfg)]
     if "backup" in res.extra:
         parts.append(res.extra["backup"]["table"])
     text = "\n\n".join(parts)
@@ -181,7 +182,7 @@ def report(res: Results, cfg: Config, started: float) -> str:
     if cfg.json:
         doc = {"config": asdict(cfg), "environment": environment(), "seconds": time.time() - started,
                "rows": table, "real_rows": real,
-               "load": {k: dict(v) for k, v in res.samples.items() if k.startswith("load_")},
+               "load": {k: dict(v) for k, v in res.samples.items() if k.startswith(("load_", "interpose_"))},
                "failures": res.failures, "notes": res.notes, "extra": res.extra}
         Path(cfg.json).write_text(json.dumps(doc, indent=2) + "\n")
     return text

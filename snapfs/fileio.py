@@ -1,0 +1,157 @@
+"""Where each read and write of one open file runs (the one rule of docs/concurrency.md,
+rule 2): on the trio thread when the kernel can answer from the page cache at once,
+through Linux AIO when a read must wait for the disk, in a worker thread when neither
+can.
+
+Reads: ``preadv(RWF_NOWAIT)`` inline; a miss is read with O_DIRECT through AIO where
+the file has an O_DIRECT descriptor (``aio.pread``), else, or where AIO cannot serve
+it, in a worker thread. While a file's inline attempts mostly miss (``HitRate``), its
+reads skip them.
+
+Writes: the kernels this runs on refuse ``pwritev(RWF_NOWAIT)`` on buffered files of
+ext4, tmpfs and block devices (EOPNOTSUPP; docs/performance.md), so a write is done
+inline with a plain ``pwrite`` only when it cannot wait for the disk: every page it
+covers only in part is in the page cache (a 1-byte ``RWF_NOWAIT`` read of each edge
+page says so; whole pages are never read), no write of this file is in a worker thread
+(which would hold the file's lock while it waits), and no inline write of this file
+took longer than ``STALL`` in the last ``BACKOFF`` seconds (dirty-page throttling or a
+journal wait: the file's writes then go to threads for a while). Otherwise, and for
+files whose owner turned ``inline`` off, the write runs in a worker thread.
+
+Everything here runs on the trio thread except the blocking callables handed in.
+"""
+
+import errno
+import os
+import time
+from collections.abc import Callable
+
+from . import aio, ioprio, workers
+
+PAGE = 4096
+STALL = 0.002       # seconds: an inline write that took longer stalled the loop
+BACKOFF = 1.0       # seconds a file's writes go to threads after a stall
+
+
+class HitRate:
+    """How often the inline read attempt on one file found its data in the page cache,
+    as a moving average. A miss is not free (RWF_NOWAIT starts the disk read before it
+    gives up), so while misses dominate, reads skip the attempt and only every PROBE-th
+    read tries inline, to notice when the data is cached again."""
+
+    PROBE = 16
+    __slots__ = ("rate", "skipped")
+
+    def __init__(self) -> None:
+        self.rate = 1.0
+        self.skipped = 0
+
+    def worth_trying(self) -> bool:
+        if self.rate >= 0.25:
+            return True
+        self.skipped += 1
+        if self.skipped < self.PROBE:
+            return False
+        self.skipped = 0
+        return True
+
+    def record(self, hit: bool) -> None:
+        self.rate += ((1.0 if hit else 0.0) - self.rate) / 8
+
+
+class FileIO:
+    """The data path of one open file. ``pread(offset, size) -> bytes`` and
+    ``pwrite(offset, data)`` are the owner's blocking calls (they raise OSError), run in
+    worker threads; ``direct_fd`` an O_DIRECT descriptor for AIO reads, or None.
+    ``inline = False`` sends every call to a thread (the storage's fault hook)."""
+
+    def __init__(self, fd: int, pread: Callable[[int, int], bytes], pwrite: Callable[[int, object], None],
+                 direct_fd: int | None = None):
+        self.fd = fd
+        self.pread = pread
+        self.pwrite = pwrite
+        self.direct_fd = direct_fd
+        self.inline = True
+        self.hits = HitRate()
+        self.thread_writes = 0           # writes of this file in worker threads now
+        self.stalled_until = 0.0         # monotonic: inline writes resume then
+
+    # ----- reads --------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int, bulk: bool = False, prio: int = 0) -> bytes:
+        """``size`` bytes at ``offset`` (OSError on failure or a short read). ``bulk``:
+        a snapshot-image read (the caller holds ``workers.bulk``); ``prio``: the I/O
+        priority of the disk read it may cause (``ioprio``; 0: the daemon's)."""
+        if self.inline and self.hits.worth_trying():
+            data = workers.pread_nowait(self.fd, size, offset)
+            self.hits.record(data is not None)
+            if data is not None:
+                return data
+        return await self._read_miss(offset, size, prio)
+
+    async def _read_miss(self, offset: int, size: int, prio: int) -> bytes:
+        with workers.priority.waiting():
+            if self.direct_fd is not None and self.inline:
+                data = await aio.pread(self.direct_fd, offset, size, prio)
+                if data is not None:
+                    return data
+            if prio:
+                return await workers.run(self._pread_at, prio, offset, size)
+            return await workers.run(self.pread, offset, size)
+
+    def _pread_at(self, prio: int, offset: int, size: int) -> bytes:
+        """Worker thread: ``pread`` with the thread's I/O priority set to ``prio``."""
+        ioprio.set_current_thread(prio)
+        try:
+            return self.pread(offset, size)
+        finally:
+            ioprio.set_current_thread(0)
+
+    # ----- writes -------------------------------------------------------------------
+
+    async def write(self, offset: int, data) -> None:
+        """All of ``data`` at ``offset`` (module docstring: inline or a thread)."""
+        if self._may_write_inline(offset, len(data)):
+            t0 = time.monotonic()
+            self.pwrite(offset, data)
+            t1 = time.monotonic()
+            if t1 - t0 > STALL:
+                self.stalled_until = t1 + BACKOFF
+            return
+        self.thread_writes += 1
+        try:
+            with workers.priority.waiting():
+                await workers.run(self.pwrite, offset, data)
+        finally:
+            self.thread_writes -= 1
+
+    async def run(self, fn: Callable, *args):
+        """Another blocking call on this file (punch, fdatasync) in a worker thread;
+        counted like a thread write, so inline writes do not queue on the file's lock
+        behind it."""
+        self.thread_writes += 1
+        try:
+            with workers.priority.waiting():
+                return await workers.run(fn, *args)
+        finally:
+            self.thread_writes -= 1
+
+    def _may_write_inline(self, offset: int, size: int) -> bool:
+        if not self.inline or self.thread_writes or time.monotonic() < self.stalled_until:
+            return False
+        end = offset + size
+        head, tail = offset % PAGE, end % PAGE
+        if head and not self._cached(offset - head):
+            return False
+        return not tail or (end - tail == offset - head and head) or self._cached(end - tail)
+
+    def _cached(self, page: int) -> bool:
+        """Whether the page at ``page`` is in the page cache (its first byte, read
+        without waiting; past the end of the file counts as cached: nothing to read)."""
+        try:
+            os.preadv(self.fd, [bytearray(1)], page, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+                return False
+            raise
+        return True

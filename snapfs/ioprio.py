@@ -1,0 +1,32 @@
+"""I/O priorities (``ioprio_get``/``ioprio_set``, ``ionice``): the priority of the
+process that opens a snapshot image is carried to the source I/O its reads cause
+(docs/concurrency.md rule 4). Values are the kernel's: class << 13 | level; 0 means
+none set (derived from the CPU nice value)."""
+
+import ctypes
+import os
+
+_SYS_GET, _SYS_SET = {"x86_64": (252, 251), "aarch64": (31, 30)}.get(os.uname().machine, (None, None))
+_WHO_PROCESS = 1
+CLASS_SHIFT = 13
+IDLE = 3                 # the idle class: ``ionice -c3``
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def of(pid: int) -> int:
+    """The I/O priority of thread ``pid`` (0: none set, unknown, or gone)."""
+    if _SYS_GET is None or pid <= 0:
+        return 0
+    value = _libc.syscall(_SYS_GET, _WHO_PROCESS, pid)
+    return max(value, 0)
+
+
+def set_current_thread(value: int) -> None:
+    """Give the calling thread I/O priority ``value`` (failures ignored: a priority is a
+    hint)."""
+    if _SYS_SET is not None:
+        _libc.syscall(_SYS_SET, _WHO_PROCESS, 0, value)
+
+
+def is_idle(value: int) -> bool:
+    return value >> CLASS_SHIFT == IDLE

@@ -1,0 +1,165 @@
+"""Where a read or write runs (snapfs/fileio.py): inline on the trio thread only when
+the page cache takes it at once, else in a worker thread; the bytes are right on every
+path. No FUSE here: FileIO over a real file, its blocking calls wrapped to record the
+thread they ran in."""
+
+import os
+import threading
+import time
+
+import trio
+
+from snapfs import fileio
+from snapfs.fileio import PAGE, FileIO
+
+SIZE = 64 * PAGE
+
+
+class Recorded:
+    """A FileIO over ``path`` whose blocking pwrite records (thread ident, offset) and
+    may sleep first."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR)
+        self.calls: list[tuple[int, int]] = []
+        self.sleep = 0.0
+        self.io = FileIO(self.fd, self.pread, self.pwrite)
+
+    def pread(self, offset, size):
+        return os.pread(self.fd, size, offset)
+
+    def pwrite(self, offset, data):
+        self.calls.append((threading.get_ident(), offset))
+        if self.sleep:
+            time.sleep(self.sleep)
+        os.pwrite(self.fd, data, offset)
+
+    def inline(self) -> list[bool]:
+        main = threading.get_ident()
+        return [ident == main for ident, _ in self.calls]
+
+    def close(self):
+        os.close(self.fd)
+
+
+def uncached(path) -> bytearray:
+    content = bytearray(os.urandom(SIZE))
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return content
+
+
+def test_whole_pages_go_inline_and_partial_uncached_pages_to_a_thread(tmp_path):
+    path = tmp_path / "f"
+    content = uncached(path)
+    r = Recorded(path)
+
+    async def main():
+        await r.io.write(2 * PAGE, b"A" * PAGE)            # whole page: inline
+        await r.io.write(10 * PAGE + 100, b"B" * 50)       # part of an uncached page: thread
+        os.pread(r.fd, 1, 20 * PAGE)                       # now cached
+        await r.io.write(20 * PAGE + 7, b"C" * 10)         # part of a cached page: inline
+        await r.io.write(30 * PAGE + 1, b"D" * PAGE)       # straddles two uncached pages: thread
+
+    try:
+        trio.run(main)
+        assert r.inline() == [True, False, True, False]
+        for offset, data in ((2 * PAGE, b"A" * PAGE), (10 * PAGE + 100, b"B" * 50),
+                             (20 * PAGE + 7, b"C" * 10), (30 * PAGE + 1, b"D" * PAGE)):
+            content[offset : offset + len(data)] = data
+        assert os.pread(r.fd, SIZE, 0) == bytes(content)
+    finally:
+        r.close()
+
+
+def test_a_stalled_inline_write_sends_the_files_writes_to_threads_for_a_while(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "BACKOFF", 0.3)
+    path = tmp_path / "f"
+    uncached(path)
+    r = Recorded(path)
+
+    async def main():
+        r.sleep = 2 * fileio.STALL
+        await r.io.write(0, b"x" * PAGE)                   # inline, but it stalled
+        r.sleep = 0
+        await r.io.write(PAGE, b"y" * PAGE)                # backing off: thread
+        await trio.sleep(0.35)
+        await r.io.write(2 * PAGE, b"z" * PAGE)            # inline again
+
+    try:
+        trio.run(main)
+        assert r.inline() == [True, False, True]
+    finally:
+        r.close()
+
+
+def test_no_inline_write_while_a_write_of_the_file_is_in_a_thread(tmp_path):
+    """A thread write holds the file's lock while it waits; an inline write behind it
+    would stall the loop, so it goes to a thread too."""
+    path = tmp_path / "f"
+    uncached(path)
+    r = Recorded(path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            r.sleep = 0.2
+            nursery.start_soon(r.io.write, 5 * PAGE + 1, b"s" * 10)   # partial, uncached: thread
+            await trio.sleep(0.05)
+            r.sleep = 0
+            await r.io.write(0, b"w" * PAGE)               # whole page, but a thread write is in flight
+
+    try:
+        trio.run(main)
+        assert r.inline() == [False, False]
+    finally:
+        r.close()
+
+
+def test_reads_are_right_inline_and_from_the_disk(tmp_path):
+    path = tmp_path / "f"
+    content = uncached(path)
+    r = Recorded(path)
+
+    async def main():
+        first = await r.io.read(3 * PAGE + 5, 3 * PAGE)     # uncached: a thread
+        again = await r.io.read(3 * PAGE + 5, 3 * PAGE)     # cached now: inline
+        return first, again
+
+    try:
+        first, again = trio.run(main)
+        assert first == again == bytes(content[3 * PAGE + 5 : 6 * PAGE + 5])
+    finally:
+        r.close()
+
+
+def test_a_readers_io_priority_is_carried_to_the_disk_reads(tmp_path):
+    """``ionice -c3``: the idle class is read from the opener's pid, and reads that carry
+    it (through AIO, and through a worker thread whose priority is set around the read)
+    return the right bytes."""
+    import subprocess
+
+    from snapfs import aio, ioprio
+
+    sleeper = subprocess.Popen(["ionice", "-c3", "sleep", "5"])
+    try:
+        time.sleep(0.1)
+        prio = ioprio.of(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert ioprio.is_idle(prio) and not ioprio.is_idle(ioprio.of(os.getpid()))
+    path = tmp_path / "f"
+    content = uncached(path)
+    r = Recorded(path)
+    direct = aio.open_direct(r.fd)
+    try:
+        got = trio.run(aio.pread, direct, 4 * PAGE, 8 * PAGE, prio)
+        assert got == bytes(content[4 * PAGE : 12 * PAGE])
+        assert r.io._pread_at(prio, 100, 5000) == bytes(content[100:5100])
+        assert ioprio.of(threading.get_native_id()) == 0      # reset after the read
+    finally:
+        os.close(direct)
+        r.close()
