@@ -4,6 +4,7 @@ byte in a chunk is named by verify and stops a restore with a clear error while 
 points still restore; prune + gc keep what they must and free exactly what only the
 pruned points used; two writers on one repository are refused."""
 
+import contextlib
 import json
 import os
 import signal
@@ -40,20 +41,40 @@ def index_digests(repo: str, point: str, name: str) -> set[bytes]:
     return {digests[i:i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE)}
 
 
+def start_create(m, repo: str, storage_dir: str, *extra: str) -> subprocess.Popen:
+    """``backup create`` of d0 with one worker, running in the background."""
+    return subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
+                             storage_dir, "--workers", "1", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def killed_at_end(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_chunks(proc: subprocess.Popen, repo: str, count: int) -> None:
+    """Until the running create has stored ``count`` chunks."""
+    deadline = time.monotonic() + 60
+    while len(chunk_files(repo)) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
+        time.sleep(0.002)
+
+
 def test_sigkill_of_create_leaves_no_point_and_the_next_create_works(mounter, tmp_path, storage_dir):
     source = tmp_path / "big.img"
     make_device(source, 64 * MiB, seed=21)
     m = mounter({"d0": str(source)})
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = start_create(m, repo, storage_dir)
     try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+        wait_for_chunks(proc, repo, 20)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -186,21 +207,10 @@ def test_sigterm_of_create_destroys_the_snapshot_and_leaves_no_point(mounter, tm
     make_device(source, 64 * MiB, seed=25)
     m = mounter({"d0": str(source)})
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+    with killed_at_end(start_create(m, repo, storage_dir)) as proc:
+        wait_for_chunks(proc, repo, 20)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert m.ok("snapshot_collect")["ids"] == [], "the snapshot must be destroyed"
@@ -239,21 +249,10 @@ def test_snapfs_daemon_killed_during_create(mounter, tmp_path, storage_dir):
     state = tmp_path / "state"
     m1 = mounter({"d0": str(source)}, state_dir=state)
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m1.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+    with killed_at_end(start_create(m1, repo, storage_dir)) as proc:
+        wait_for_chunks(proc, repo, 20)
         m1.kill()
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err
     assert "Traceback" not in err and "snapfs: ENOTCONN: reading " in err, err
     assert "could not destroy snapshot" in err, "the snapshot's fate is reported"
@@ -274,15 +273,8 @@ def test_an_overflowing_snapshot_storage_is_named(mounter, tmp_path, storage_dir
     make_device(source, 64 * MiB, seed=27)
     m = mounter({"d0": str(source)})
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
-                             storage_dir, "--storage-limit", "8M", "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not chunk_files(repo):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+    with killed_at_end(start_create(m, repo, storage_dir, "--storage-limit", "8M")) as proc:
+        wait_for_chunks(proc, repo, 1)
         fd = os.open(m.dev("d0"), os.O_WRONLY)
         try:
             for offset in range(0, 64 * MiB, MiB):             # the original never fails
@@ -290,10 +282,6 @@ def test_an_overflowing_snapshot_storage_is_named(mounter, tmp_path, storage_dir
         finally:
             os.close(fd)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err
     assert "difference storage" in err and "ran out of room" in err and "--storage-limit" in err, err
     assert ok("list", repo) == [] and chunk_files(repo) == []
