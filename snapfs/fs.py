@@ -144,16 +144,22 @@ class ControlHandle(Handle):
         self.view.close()
 
 
+HOLDERS_CHECK = 0.6    # seconds between scans for the holders of a blocked events file
+
+
 class EventsHandle(Handle):
     """Reads block at the end of the log until the next event, or EOF once destroyed,
-    or EINTR once the opener (``pid``, the reader in practice) has a signal pending
-    (the kernel holds a reader in a FUSE request until it is answered, SIGKILL or not,
-    and pyfuse3 does not pass the kernel's interrupts on); with O_NONBLOCK, EAGAIN."""
+    or EINTR once a reader has a signal pending (the kernel holds a reader in a FUSE
+    request until it is answered, SIGKILL or not, and pyfuse3 does not pass the
+    kernel's interrupts on): the opener (``pid``, the reader in practice) is looked at
+    every INTERRUPT_CHECK, every process holding this events file (an inherited
+    descriptor) every HOLDERS_CHECK; with O_NONBLOCK, EAGAIN."""
 
     def __init__(self, snap: Snapshot, flags: int, waiters: "Waiters", pid: int = 0):
         self.snap, self.flags, self.waiters, self.pid = snap, flags, waiters, pid
         self.position = 0
         self.poll_handle = None
+        self._next_scan: float | None = None   # set when a read first blocks
 
     async def read(self, offset, size):
         log_ = self.snap.events
@@ -164,10 +170,22 @@ class EventsHandle(Handle):
                 return data
             if self.flags & os.O_NONBLOCK:
                 raise SnapfsError(errno.EAGAIN, "no new event")
-            if procs.signal_pending(self.pid):
+            if procs.signal_pending(self.pid) or await self._holder_signalled():
                 raise SnapfsError(errno.EINTR, "the reader has a signal pending")
             with trio.move_on_after(INTERRUPT_CHECK):
                 await self.waiters.wait()
+
+    async def _holder_signalled(self) -> bool:
+        """Every HOLDERS_CHECK seconds (a scan of every process's descriptors, in a
+        worker thread): whether a process holding this events file has a signal pending."""
+        now = trio.current_time()
+        if self._next_scan is None:
+            self._next_scan = now + HOLDERS_CHECK
+        if now < self._next_scan:
+            return False
+        self._next_scan = now + HOLDERS_CHECK
+        suffix = f"/snapshots/{self.snap.id}/events"
+        return await trio.to_thread.run_sync(procs.holder_signalled, suffix)
 
     def poll(self, poll_handle):
         events = self.snap.events

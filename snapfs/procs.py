@@ -49,19 +49,20 @@ def signal_pending(pid: int) -> bool:
     return bool(pending & ~fields.get("SigBlk", 0))
 
 
+def holder_signalled(suffix: str) -> bool:
+    """Whether a process with a descriptor whose path ends with ``suffix`` (seen from
+    any mount namespace: a snapshot's events file) has a signal pending. Blocking: a
+    worker thread."""
+    return _own() and any(target.endswith(suffix) and signal_pending(pid)
+                          for pid, target in _descriptors())
+
+
 def holders(prefixes: tuple[str, ...]) -> list[str]:
     """Who holds a file whose path starts with one of ``prefixes`` (as this process
     sees paths): ``pid N (COMM) has PATH`` for each open descriptor, ``loopN has
     PATH`` for each loop device backed by one. Blocking: a worker thread."""
-    found = []
-    for name in sorted((n for n in _listdir("/proc") if n.isdigit()), key=int):
-        for fd in _listdir(f"/proc/{name}/fd"):
-            try:
-                target = os.readlink(f"/proc/{name}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith(prefixes):
-                found.append(f"pid {name} ({comm(int(name))}) has {target}")
+    found = [f"pid {pid} ({comm(pid)}) has {target}" for pid, target in _descriptors()
+             if target.startswith(prefixes)]
     for loop in sorted(_listdir("/sys/block")):
         try:
             with open(f"/sys/block/{loop}/loop/backing_file") as f:
@@ -71,6 +72,16 @@ def holders(prefixes: tuple[str, ...]) -> list[str]:
         if target.startswith(prefixes):
             found.append(f"{loop} has {target}")
     return found
+
+
+def _descriptors():
+    """(pid, path) of every open descriptor of every process this one can read."""
+    for name in sorted((n for n in _listdir("/proc") if n.isdigit()), key=int):
+        for fd in _listdir(f"/proc/{name}/fd"):
+            try:
+                yield int(name), os.readlink(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
 
 
 def _listdir(path: str) -> list[str]:

@@ -182,6 +182,37 @@ def test_blocked_readers_die_within_a_second_of_a_signal(mounter, device, storag
     assert m.ok("version")
 
 
+INHERITS = """
+import os, subprocess, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+child = subprocess.Popen(["cat"], stdin=fd, stdout=subprocess.DEVNULL)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_reader_that_inherited_the_events_file_dies_within_a_second(mounter, device, storage_dir, sig):
+    """cat reading an events file its parent opened (the parent is not signalled): the
+    daemon finds it among the file's holders."""
+    m = mounter({"d0": device[0]})
+    snap = m.snapshot(storage_dir, "64M", "d0")
+    parent = subprocess.Popen([sys.executable, "-c", INHERITS, m.p("snapshots", snap, "events")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+        assert parent.poll() is None
+        t0 = time.monotonic()
+        os.kill(child, sig)
+        parent.wait(timeout=1.0)                  # it waits for cat, and then exits
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        parent.kill()
+        m.ok(f"snapshot_destroy {snap}")          # frees a reader still blocked
+        parent.wait(timeout=10)
+
+
 # ----- 3. umount refuses before it detaches ----------------------------------------------------
 
 def holder(path: str) -> subprocess.Popen:
