@@ -14,8 +14,10 @@ inline with a plain ``pwrite`` only when it cannot wait for the disk: every page
 covers only in part is in the page cache (a 1-byte ``RWF_NOWAIT`` read of each edge
 page says so; whole pages are never read), no write of this file is in a worker thread
 (which would hold the file's lock while it waits), and no inline write of this file
-took longer than ``STALL`` in the last ``BACKOFF`` seconds (dirty-page throttling or a
-journal wait: the file's writes then go to threads for a while). Otherwise, and for
+took longer than ``STALL`` in the last ``BACKOFF`` seconds while the thread slept in
+it (a voluntary context switch: dirty-page throttling, a journal or lock wait, a read;
+being preempted on a busy machine does not count): the file's writes then go to
+threads for a while. Otherwise, and for
 files whose owner turned ``inline`` off, the write runs in a worker thread.
 
 Everything here runs on the trio thread except the blocking callables handed in.
@@ -23,14 +25,21 @@ Everything here runs on the trio thread except the blocking callables handed in.
 
 import errno
 import os
+import resource
 import time
 from collections.abc import Callable
 
 from . import aio, ioprio, workers
 
 PAGE = 4096
-STALL = 0.002       # seconds: an inline write that took longer stalled the loop
+STALL = 0.002       # seconds: an inline write that took longer, sleeping, stalled the loop
 BACKOFF = 1.0       # seconds a file's writes go to threads after a stall
+
+
+def _sleeps() -> int:
+    """Voluntary context switches of the calling thread so far (it slept in the
+    kernel)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 class HitRate:
@@ -112,10 +121,11 @@ class FileIO:
     async def write(self, offset: int, data) -> None:
         """All of ``data`` at ``offset`` (module docstring: inline or a thread)."""
         if self._may_write_inline(offset, len(data)):
+            slept = _sleeps()
             t0 = time.monotonic()
             self.pwrite(offset, data)
             t1 = time.monotonic()
-            if t1 - t0 > STALL:
+            if t1 - t0 > STALL and _sleeps() != slept:
                 self.stalled_until = t1 + BACKOFF
             return
         self.thread_writes += 1

@@ -20,8 +20,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import outcome
 import trio
@@ -143,28 +143,13 @@ class Priority:
         self.last = -1e9
         self._quiet: trio.Event | None = None
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        """Around a device request's handler."""
-        token = _in_device_request.set(True)
-        self._up()
-        try:
-            yield
-        finally:
-            self._down()
-            _in_device_request.reset(token)
+    def request(self) -> "_Request":
+        """Around a device request's handler (``with``)."""
+        return _Request(self)
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> "_Waiting":
         """Around an I/O wait (AIO, a worker thread); counts only inside ``request``."""
-        if not _in_device_request.get():
-            yield
-            return
-        self._down()
-        try:
-            yield
-        finally:
-            self._up()
+        return _Waiting(self)
 
     def busy(self) -> bool:
         return self.ready > 0 or time.monotonic() - self.last < DEVICE_WINDOW
@@ -190,6 +175,41 @@ class Priority:
             self._quiet = None
 
 
+class _Request:
+    """``Priority.request``: a class, not a generator: it runs on every device request."""
+
+    __slots__ = ("priority", "token")
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+
+    def __enter__(self) -> None:
+        self.token = _in_device_request.set(True)
+        self.priority._up()
+
+    def __exit__(self, *exc) -> None:
+        self.priority._down()
+        _in_device_request.reset(self.token)
+
+
+class _Waiting:
+    """``Priority.waiting``."""
+
+    __slots__ = ("counted", "priority")
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+
+    def __enter__(self) -> None:
+        self.counted = _in_device_request.get()
+        if self.counted:
+            self.priority._down()
+
+    def __exit__(self, *exc) -> None:
+        if self.counted:
+            self.priority._up()
+
+
 priority = Priority()
 
 
@@ -206,18 +226,41 @@ def bulk_slots(busy: bool) -> trio.CapacityLimiter:
     return limiter
 
 
-@asynccontextmanager
-async def bulk(idle: bool = False) -> AsyncIterator[None]:
-    """One image read's turn: a slot of ``bulk_slots``, then ``priority.quiet``; after
-    the read, while the devices are busy, the pause (not after a failed read). The
-    reader calls ``priority.quiet`` again before it returns its data. ``idle``: a
-    reader of the idle I/O class, treated as if the devices were always busy."""
-    async with bulk_slots(idle or priority.busy()):
-        await priority.quiet()
-        t0 = time.monotonic()
-        yield
-        if idle or priority.busy():
-            await trio.sleep(min((time.monotonic() - t0) * YIELD, MAX_PAUSE))
+def bulk(idle: bool = False) -> "_Bulk":
+    """One image read's turn (``async with``): a slot of ``bulk_slots``, then
+    ``priority.quiet``; after the read, while the devices are busy, the pause (not
+    after a failed read). The reader calls ``priority.quiet`` again before it returns
+    its data. ``idle``: a reader of the idle I/O class, treated as if the devices were
+    always busy. Uncontended (a slot free, no device request ready, the devices idle)
+    it never yields to the loop: an image read the page cache answers costs no round."""
+    return _Bulk(idle)
+
+
+class _Bulk:
+    __slots__ = ("idle", "limiter", "t0")
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+
+    async def __aenter__(self) -> None:
+        self.limiter = bulk_slots(self.idle or priority.busy())
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.limiter.acquire()
+        try:
+            await priority.quiet()
+        except BaseException:
+            self.limiter.release()
+            raise
+        self.t0 = time.monotonic()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and (self.idle or priority.busy()):
+                await trio.sleep(min((time.monotonic() - self.t0) * YIELD, MAX_PAUSE))
+        finally:
+            self.limiter.release()
 
 
 class InFlight:

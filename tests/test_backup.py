@@ -240,3 +240,21 @@ def test_live_ext4_backup_restores_clean_and_mounts_from_the_repository(mounter,
         writer.stopping.set()
         writer.join(60)
         _umount_all(mounted, loops)
+
+
+def test_create_reads_at_the_rate_limit_and_at_idle_priority(mounter, tmp_path, storage_dir):
+    """``--rate-limit 16`` on a 16 MiB device: the image is read in no less than about
+    a second (less the burst allowance), at the idle I/O class by default, and the
+    point restores exactly."""
+    import time
+
+    from snapfs.backup.pace import BURST
+
+    m = mounter(two_devices(tmp_path))
+    repo = init(tmp_path / "repo")
+    t0 = time.monotonic()
+    point = create(m, repo, "d0", extra=("--rate-limit", "16"), storage=storage_dir)
+    assert time.monotonic() - t0 >= SIZE / (16 * MiB) - BURST
+    assert restore_sha(repo, point["point"], "d0", tmp_path / "r0") == sha256_file(m.dev("d0"), m.path)
+    bad = backup("create", "--io-priority", "urgent", repo, "d0", "-m", m.path, mount=m)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr

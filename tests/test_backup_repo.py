@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapfs.backup.chunks import ChunkStore, digest_of
-from snapfs.backup.create import changed_chunks, plan
+from snapfs.backup.create import changed_pieces, plan
 from snapfs.backup.prune import select
 from snapfs.backup.repo import ZERO, Damaged, Repo, decode_index, encode_index
 from snapfs.errors import SnapfsError
@@ -61,7 +61,50 @@ def test_chunks_round_trip_and_damage_is_caught(repo):
         store.get(digest)
     with pytest.raises(Damaged, match="missing"):
         store.get(digest_of(b"never stored"))
-    assert store.zero_or_get(ZERO, 10) == bytes(10)
+    assert store.get(ZERO, 10) == bytes(10)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_chunk_files_are_exact_with_and_without_o_direct(repo, direct):
+    """Chunk files written with O_DIRECT (padded, then cut) or buffered (the fallback
+    where the filesystem refuses O_DIRECT) hold exactly header + payload; the
+    compressibility sample keeps random data raw and compresses the rest."""
+    repo.direct_writes = direct
+    store = ChunkStore(repo)
+    for data in (os.urandom(65536), os.urandom(4000) * 16, bytes(60000) + b"x"):
+        digest = digest_of(data)
+        stored = store.put(digest, data)
+        assert os.path.getsize(repo.chunk_path(digest)) == stored
+        assert ChunkStore(repo).get(digest, len(data)) == data
+        assert (stored == len(data) + 16) == (data[:4000] != data[4000:8000]), "random stays raw"
+    assert not os.listdir(repo.p("tmp"))
+
+
+def test_deferred_commits_are_whole_after_sync_and_their_errors_surface(repo):
+    """create's store: chunk files are renamed into place by the committer thread; sync
+    waits for them, and a commit that failed fails the sync (no manifest over it)."""
+    store = ChunkStore(repo, deferred=True)
+    chunks = [os.urandom(65536) for _ in range(40)]
+    try:
+        for data in chunks:
+            store.put(digest_of(data), data)
+        store.sync()
+    finally:
+        store.close()
+    assert all(ChunkStore(repo).get(digest_of(d)) == d for d in chunks)
+    assert not os.listdir(repo.p("tmp"))
+
+    def broken(fd, tmp, final):
+        os.close(fd)
+        raise OSError(5, "Input/output error")
+    repo.commit_chunk = broken
+    store = ChunkStore(repo, deferred=True)
+    try:
+        store.put(digest_of(b"x" * 100), b"x" * 100)
+        with pytest.raises(OSError, match="Input/output"):
+            store.sync()
+    finally:
+        store.close()
 
 
 def test_index_round_trip_and_damage(repo):
@@ -75,14 +118,16 @@ def test_index_round_trip_and_damage(repo):
         encode_index(5 * 65536, 65536, digests, digest_of)
 
 
-def test_changed_chunks_is_overlap_of_cbt_blocks():
+def test_changed_pieces_are_cbt_blocks_cut_at_chunk_borders():
     cbt = bytes([0, 3, 0, 0, 2, 5, 0, 1])         # blocks of 64K, device 8 blocks - 1000 bytes
-    size = 8 * 65536 - 1000
-    assert changed_chunks(cbt, 2, 65536, size, 65536) == [1, 5]
-    assert changed_chunks(cbt, 1, 65536, size, 65536) == [1, 4, 5]
-    assert changed_chunks(cbt, 1, 65536, size, 4 * 65536) == [0, 1]
-    assert changed_chunks(cbt, 0, 2 * 65536, 16 * 65536, 65536) == [2, 3, 8, 9, 10, 11, 14, 15]
-    assert changed_chunks(cbt, 5, 65536, size, 65536) == []
+    size, k = 8 * 65536 - 1000, 65536
+    assert sorted(changed_pieces(cbt, 2, k, size, k)) == [1, 5]
+    assert sorted(changed_pieces(cbt, 1, k, size, k)) == [1, 4, 5]
+    assert changed_pieces(cbt, 1, k, size, 4 * k) == {0: [(k, k)], 1: [(0, 2 * k)]}
+    assert changed_pieces(cbt, 0, k, size, 4 * k)[1] == [(0, 2 * k), (3 * k, k - 1000)], "cut at the end"
+    assert changed_pieces(cbt, 2, 3 * k, size, 2 * k) == {1: [(k, k)], 2: [(0, 2 * k)]}, "unaligned"
+    assert sorted(changed_pieces(cbt, 0, 2 * k, 16 * k, k)) == [2, 3, 8, 9, 10, 11, 14, 15]
+    assert changed_pieces(cbt, 5, k, size, k) == {}
 
 
 def test_plan_says_why_it_reads_everything():
@@ -95,7 +140,7 @@ def test_plan_says_why_it_reads_everything():
     assert "generation changed" in plan(parent, "d", info | {"generation_id": "g2"}, cbt, 65536, False)[0]
     assert "size changed" in plan(parent, "d", info | {"device_capacity": 2 << 20}, cbt, 65536, False)[0]
     assert "did not advance" in plan(parent, "d", info | {"changes_number": 2}, cbt, 65536, False)[0]
-    assert plan(parent, "d", info, cbt, 65536, False) == (None, [0])
+    assert plan(parent, "d", info, cbt, 65536, False) == (None, {0: [(0, 65536)]})
 
 
 def _at(text: str) -> dict:

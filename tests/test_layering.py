@@ -21,8 +21,9 @@ LAYERS = [
     "fs", "stop", "daemon", "mount",                                # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
-BACKUP = ["repo", "chunks", "output", "create", "restore", "verify", "prune", "mountfs", "cli"]
-BACKUP_MAY_USE = {"__version__", "errors", "params", "cbt", "client", "daemon"}   # of snapfs's own modules
+BACKUP = ["repo", "chunks", "output", "pace", "create", "restore", "verify", "prune", "mountfs", "cli"]
+# of snapfs's own modules:
+BACKUP_MAY_USE = {"__version__", "errors", "params", "ioprio", "cbt", "client", "daemon"}
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 

@@ -17,6 +17,7 @@ from ..errors import SnapfsError
 from ..params import parse_size
 from . import output
 from .output import DefaultsHelp, Output, human, table
+from .pace import PRIORITIES
 
 
 def _size(text: str) -> int:
@@ -74,15 +75,17 @@ def cmd_create(args) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)      # so the snapshot is destroyed
     repo, mount = Repo(args.repo), os.path.abspath(find_mount(args.mount))
     opts = CreateOptions(storage=args.storage, storage_limit=args.storage_limit, freeze=not args.nofreeze,
-                         full=args.full, audit=args.cbt_audit, workers=args.workers)
+                         full=args.full, audit=args.cbt_audit, workers=args.workers,
+                         io_priority=args.io_priority, rate_limit=args.rate_limit)
     out = Output(args.json)
     manifest = create(repo, args.names, mount, opts, out)
     devices = manifest["devices"]
     took = manifest["stats"]["duration"]
     lines = [f"point {manifest['point']} ({manifest['consistency']}) in {took:.1f} s"]
     for name, d in devices.items():
-        lines.append(f"  {name}: {d['mode']}, read {human(d['bytes_read'])} of {human(d['size'])}, "
-                     f"new {human(d['bytes_new'])} ({d['chunks_new']} chunks)"
+        lines.append(f"  {name}: {d['mode']}, read {human(d['bytes_read'])} of {human(d['size'])} "
+                     f"(and {human(d['repo_bytes_read'])} of the repository: {d['chunks_rebuilt']} "
+                     f"chunks rebuilt), new {human(d['bytes_new'])} ({d['chunks_new']} chunks)"
                      + (f" -- {d['reason']}" if d["reason"] else ""))
     emit(args, manifest, "\n".join(lines))
     mismatched = any(d["audit"] and d["audit"]["mismatches"] for d in devices.values())
@@ -94,7 +97,8 @@ def point_row(m: dict) -> list:
     modes = {d["mode"] for d in devices}
     return [m["point"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["unix_time"])),
             ",".join(sorted(m["devices"])), human(sum(d["size"] for d in devices)),
-            human(m["stats"]["bytes_read"]), human(m["stats"]["bytes_new"]),
+            human(m["stats"]["bytes_read"]), human(m["stats"].get("repo_bytes_read", 0)),
+            human(m["stats"]["bytes_new"]),
             f"{m['stats']['duration']:.1f}s", "/".join(sorted(modes)), m["consistency"]]
 
 
@@ -104,11 +108,12 @@ def cmd_list(args) -> int:
     points = Repo(args.repo).points()
     if args.json:
         emit(args, [{k: m[k] for k in ("point", "time", "consistency", "stats")}
-                    | {"devices": {n: {k: d[k] for k in ("size", "mode", "reason", "bytes_read", "bytes_new")}
+                    | {"devices": {n: {k: d.get(k, 0) for k in ("size", "mode", "reason", "bytes_read",
+                                                                "repo_bytes_read", "bytes_new")}
                                    for n, d in m["devices"].items()}} for m in points], "")
         return output.OK
-    print(table(["POINT", "TIME", "DEVICES", "SIZE", "READ", "NEW", "TOOK", "MODE", "CONSISTENCY"],
-                [point_row(m) for m in points], right={3, 4, 5, 6}))
+    print(table(["POINT", "TIME", "DEVICES", "SIZE", "READ", "REPO READ", "NEW", "TOOK", "MODE",
+                 "CONSISTENCY"], [point_row(m) for m in points], right={3, 4, 5, 6, 7}))
     return output.OK
 
 
@@ -124,11 +129,15 @@ def cmd_info(args) -> int:
           + f"  snapfs {m['tool_version']}, chunk {human(m['chunk_size'])}, "
           f"took {m['stats']['duration']:.1f} s")
     rows = [[n, human(d["size"]), d["mode"], d["parent"] or "-", human(d["bytes_read"]),
-             human(d["bytes_new"]),
+             human(d.get("repo_bytes_read", 0)), d.get("chunks_rebuilt", 0), human(d["bytes_new"]),
              d["chunks"], d["zero_chunks"], f"{d['cbt']['generation_id'][:8]}/{d['cbt']['changes_number']}",
              d["reason"] or ""] for n, d in sorted(m["devices"].items())]
-    print(table(["DEVICE", "SIZE", "MODE", "PARENT", "READ", "NEW", "CHUNKS", "ZERO", "CBT", "WHY FULL"],
-                rows, right={1, 4, 5, 6, 7}))
+    print(table(["DEVICE", "SIZE", "MODE", "PARENT", "READ", "REPO READ", "REBUILT", "NEW", "CHUNKS",
+                 "ZERO", "CBT", "WHY FULL"], rows, right={1, 4, 5, 6, 7, 8, 9}))
+    for n, d in sorted(m["devices"].items()):
+        if d.get("seconds"):
+            print(f"{n}: worker seconds: " + ", ".join(f"{k} {d['seconds'].get(k, 0):.1f}"
+                                                      for k in ("image", "repository", "hash", "store")))
     return output.OK
 
 
@@ -240,6 +249,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     v.add_argument("--cbt-audit", type=int, nargs="?", const=16, default=0, metavar="N",
                    help="check N (default 16) chunks CBT calls unchanged against the parent point")
     v.add_argument("--workers", type=int, default=4, help="reader/hasher threads (default 4)")
+    v.add_argument("--io-priority", choices=sorted(PRIORITIES), default="idle",
+                   help="I/O class of the whole run; snapfs gives the image reads it causes the "
+                        "same class, and idle ones their turn only as if the devices were always "
+                        "busy (default idle)")
+    v.add_argument("--rate-limit", type=float, default=0.0, metavar="MIB_S",
+                   help="read the images at most this many MiB/s (default 0: no limit)")
 
     verb("list", cmd_list, "list the points")
     v = verb("info", cmd_info, "show one point: devices, sizes, bytes read and new, why full")

@@ -4,8 +4,10 @@ into the repository, one index per device, and the manifest last.
 
 Per device (``plan``): when the device's newest point in the repository was taken at
 the same CBT generation (and size), only the chunks overlapping CBT blocks with
-``map[i] > parent changes_number`` are read and every other digest is copied from the
-parent's index; otherwise (first backup, a new generation after a crash or an offline
+``map[i] > parent changes_number`` are made again and every other digest is copied
+from the parent's index; of a chunk those blocks cover only in part, only the blocks
+are read from the image, over the parent's chunk read from the repository (a rebuilt
+chunk; see DeviceReader); otherwise (first backup, a new generation after a crash or an offline
 change of the source, a resized or replaced device, ``--full``, a failed CBT audit)
 every chunk is read and hashed, and only chunks the repository lacks are stored. The
 reason is printed and kept in the manifest.
@@ -27,15 +29,16 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..cbt import changed_runs
 from ..client import command, quote, read_cbt, send
 from ..errors import SnapfsError
-from .chunks import ChunkStore, digest_of, is_zero
+from .chunks import ChunkStore, digest_of, zero_digest
 from .output import Output
-from .repo import DIGEST_SIZE, ZERO, Repo, chunk_count
+from .pace import RateLimit, set_io_priority
+from .repo import DIGEST_SIZE, ZERO, Damaged, Repo, chunk_count
 
 STORAGE_SLACK = 64 << 20
 
@@ -52,21 +55,29 @@ class CreateOptions:
     full: bool = False
     audit: int = 0
     workers: int = 4
+    io_priority: str = "normal"   # pace.PRIORITIES: the I/O class the whole run reads and writes at
+    rate_limit: float = 0.0       # MiB/s read from the images at most (0: no limit)
 
 
-def changed_chunks(cbt_map: bytes, since: int, block_size: int, size: int, chunk_size: int) -> list[int]:
-    """Chunk indexes overlapping a CBT block with ``map[i] > since`` (any block and
-    chunk sizes: overlap, not alignment, decides)."""
-    found: set[int] = set()
+def changed_pieces(cbt_map: bytes, since: int, block_size: int, size: int,
+                   chunk_size: int) -> dict[int, list[tuple[int, int]]]:
+    """{chunk index: [(start within the chunk, length)]}: the CBT blocks with
+    ``map[i] > since`` cut at chunk borders and at the device's end (any block and
+    chunk sizes: overlap, not alignment, decides which chunks are touched)."""
+    pieces: dict[int, list[tuple[int, int]]] = {}
     for offset, length in changed_runs(cbt_map, since, block_size, size):
         end = min(offset + length, size)
-        found.update(range(offset // chunk_size, chunk_count(end, chunk_size)))
-    return sorted(found)
+        while offset < end:
+            index, within = divmod(offset, chunk_size)
+            take = min(end - offset, chunk_size - within)
+            pieces.setdefault(index, []).append((within, take))
+            offset += take
+    return pieces
 
 
 def plan(parent: dict | None, name: str, info: dict, cbt_map: bytes, chunk_size: int,
-         full: bool) -> tuple[str | None, list[int] | None]:
-    """(why a full read is needed, None) or (None, chunk indexes CBT says changed)."""
+         full: bool) -> tuple[str | None, dict[int, list[tuple[int, int]]] | None]:
+    """(why a full read is needed, None) or (None, ``changed_pieces`` since the parent)."""
     size = info["device_capacity"]
     if parent is None:
         return f"first backup of {name} in this repository", None
@@ -81,33 +92,64 @@ def plan(parent: dict | None, name: str, info: dict, cbt_map: bytes, chunk_size:
                 "its change history is gone"), None
     if old["cbt"]["changes_number"] >= info["changes_number"]:
         return "CBT changes_number did not advance since the parent point", None
-    return None, changed_chunks(cbt_map, old["cbt"]["changes_number"], info["block_size"], size,
+    return None, changed_pieces(cbt_map, old["cbt"]["changes_number"], info["block_size"], size,
                                 chunk_size)
 
 
-def pread_full(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise SnapfsError(errno.EIO, f"short read at offset {offset + len(data)}")
-        data += more
-    return data
+def open_image(image: str) -> int:
+    """The snapshot image, O_DIRECT where the mount accepts it: FUSE then sends reads
+    as large as the request (buffered reads go through read-ahead in small requests),
+    and a backup does not fill the page cache of the machine it protects."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(image, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return os.open(image, flags)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, f"opening {image}") from None
+
+
+@dataclass
+class Chunk:
+    """What reading one chunk did: its digest (or ZERO), bytes read from the image and
+    from the repository, bytes stored, whether it was rebuilt from its parent, and the
+    seconds its stages took (PROFILE's keys)."""
+    digest: bytes
+    length: int
+    device: int
+    repo: int = 0
+    stored: int = 0
+    rebuilt: bool = False
+    parent_unreadable: bool = False
+    seconds: dict = field(default_factory=dict)
+
+
+# the stages of a chunk, timed in the worker: the manifest's "seconds" (thread-seconds)
+PROFILE = ("image", "repository", "hash", "store")
 
 
 class DeviceReader:
-    """Reads chunks of one snapshot image in worker threads: hash, zero test, store."""
+    """Reads chunks of one snapshot image in worker threads: hash, zero test, store.
+
+    Each thread reads into its own page-aligned buffer of one chunk (repo.buffers). A chunk
+    with CBT pieces that do not cover it is rebuilt: the parent point's chunk from the
+    repository (checked as restore checks it), the changed pieces from the image over
+    it; an unreadable parent chunk means a whole read of the chunk instead. ``stored``
+    collects the digests of the chunks this run wrote (a failed run removes them)."""
 
     def __init__(self, image: str, size: int, store: ChunkStore, workers: int,
-                 stored: list[bytes] | None = None):
+                 pace: RateLimit | None = None, stored: list[bytes] | None = None):
         self.image, self.size, self.store, self.workers = image, size, store, workers
-        self.stored = stored if stored is not None else []   # digests of chunks this run wrote
+        self.pace = pace or RateLimit(0)
+        self.stored = stored if stored is not None else []
         self.chunk_size = store.repo.chunk_size
-        try:
-            self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SnapfsError.from_oserror(exc, f"opening {image}") from None
-        self.stats = dict(chunks_read=0, bytes_read=0, chunks_new=0, bytes_new=0, plain_new=0)
+        self.fd = open_image(image)
+        self.stats = dict(chunks_read=0, bytes_read=0, repo_bytes_read=0, chunks_rebuilt=0,
+                          parents_unreadable=0, chunks_new=0, bytes_new=0, plain_new=0)
+        self.seconds = dict.fromkeys(PROFILE, 0.0)
 
     def close(self) -> None:
         """Close the image (read-only: an error here, e.g. ENOTCONN from a dead mount,
@@ -115,36 +157,77 @@ class DeviceReader:
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
-    def read(self, length: int, offset: int) -> bytes:
-        try:
-            return pread_full(self.fd, length, offset)
-        except OSError as exc:
-            error = SnapfsError.from_oserror(exc, f"reading {self.image} at offset {offset}")
-            raise SnapfsError(error.errno, error.message + storage_trouble(self.image)) from None
+    def buffer(self, length: int) -> memoryview:
+        """This thread's chunk buffer, ``length`` bytes of it."""
+        return self.store.repo.buffers.get("image", length)
 
-    def digest_at(self, index: int) -> tuple[bytes, int, int]:
-        """(digest or ZERO, bytes read, bytes stored) of chunk ``index``."""
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from the image at ``offset`` (within the rate limit); EIO on a
+        read past its end."""
+        self.pace.take(len(view))
+        done = 0
+        while done < len(view):
+            where = f"{self.image} at offset {offset + done}"
+            try:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as exc:
+                error = SnapfsError.from_oserror(exc, f"reading {where}")
+                raise SnapfsError(error.errno, error.message + storage_trouble(self.image)) from None
+            if not got:
+                raise SnapfsError(errno.EIO, f"short read of {where}")
+            done += got
+
+    def fill(self, index: int, pieces: list | None, parent: bytes | None) -> Chunk:
+        """Chunk ``index``'s content in this thread's buffer; a Chunk without digest."""
         offset = index * self.chunk_size
-        length = min(self.chunk_size, self.size - offset)
-        data = self.read(length, offset)
-        if is_zero(data):
-            return ZERO, length, 0
-        digest = digest_of(data)
-        try:
-            stored = self.store.put(digest, data)
-        except OSError as exc:
-            raise repo_error(exc, self.store.repo, "storing a chunk") from None
-        if stored:
-            self.stored.append(digest)          # list.append: atomic across threads
-        return digest, length, stored
+        view = self.buffer(min(self.chunk_size, self.size - offset))
+        changed = sum(n for _, n in pieces) if pieces else len(view)
+        unreadable, started = False, time.perf_counter()
+        if changed < len(view):
+            try:
+                from_repo = self.store.load_into(parent, view)
+            except Damaged:
+                unreadable = True
+            else:
+                loaded = time.perf_counter()
+                for start, length in pieces:
+                    self.read_into(view[start:start + length], offset + start)
+                return Chunk(b"", len(view), changed, from_repo, rebuilt=True, seconds={
+                    "repository": loaded - started, "image": time.perf_counter() - loaded})
+        started = time.perf_counter()
+        self.read_into(view, offset)
+        return Chunk(b"", len(view), len(view), parent_unreadable=unreadable,
+                     seconds={"image": time.perf_counter() - started})
 
-    def read_into(self, indexes: list[int], digests: bytearray, progress) -> None:
-        """Read ``indexes`` in parallel (a bounded window of tasks) into ``digests``."""
+    def digest_at(self, index: int, pieces: list | None = None, parent: bytes | None = None) -> Chunk:
+        """Read (or rebuild), hash and store chunk ``index``."""
+        chunk = self.fill(index, pieces, parent)
+        view = self.buffer(chunk.length)
+        started = time.perf_counter()
+        digest = digest_of(view)
+        hashed = time.perf_counter()
+        if digest == zero_digest(chunk.length):
+            chunk.digest = ZERO
+        else:
+            try:
+                chunk.digest, chunk.stored = digest, self.store.put(digest, view)
+            except OSError as exc:
+                raise repo_error(exc, self.store.repo, "storing a chunk") from None
+            if chunk.stored:
+                self.stored.append(digest)          # list.append: atomic across threads
+        chunk.seconds |= {"hash": hashed - started, "store": time.perf_counter() - hashed}
+        return chunk
+
+    def read_all(self, indexes, digests: bytearray, progress, pieces: dict | None = None) -> None:
+        """Read ``indexes`` in parallel (a bounded window of tasks) into ``digests``;
+        with ``pieces`` (CBT), ``digests`` holds the parent's digests on entry."""
         with ThreadPoolExecutor(self.workers, thread_name_prefix="backup-read") as pool:
             window: deque = deque()
             try:
                 for index in indexes:
-                    window.append((index, pool.submit(self.digest_at, index)))
+                    args = (pieces[index], bytes(digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+                            ) if pieces else ()
+                    window.append((index, pool.submit(self.digest_at, index, *args)))
                     if len(window) >= 2 * self.workers:
                         self._collect(*window.popleft(), digests, progress)
                 while window:
@@ -154,26 +237,34 @@ class DeviceReader:
                 raise
 
     def _collect(self, index: int, future, digests: bytearray, progress) -> None:
-        digest, length, stored = future.result()
-        digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        chunk: Chunk = future.result()
+        digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = chunk.digest
         self.stats["chunks_read"] += 1
-        self.stats["bytes_read"] += length
-        if stored:
+        self.stats["bytes_read"] += chunk.device
+        self.stats["repo_bytes_read"] += chunk.repo
+        self.stats["chunks_rebuilt"] += chunk.rebuilt
+        self.stats["parents_unreadable"] += chunk.parent_unreadable
+        for stage, seconds in chunk.seconds.items():
+            self.seconds[stage] += seconds
+        if chunk.stored:
             self.stats["chunks_new"] += 1
-            self.stats["bytes_new"] += stored
-            self.stats["plain_new"] += length
-        progress.update(length)
+            self.stats["bytes_new"] += chunk.stored
+            self.stats["plain_new"] += chunk.length
+        progress.update(chunk.length)
 
     def audit(self, parent_digests: bytes, unchanged: list[int], samples: int) -> dict:
-        """Read a random sample of chunks CBT called unchanged; offsets whose digest
-        differs from the parent's are mismatches (the CBT missed a write)."""
+        """Read a random sample of chunks CBT called unchanged from the image; offsets
+        whose digest differs from the parent's are mismatches (the CBT missed a write)."""
         picked = sorted(random.sample(unchanged, min(samples, len(unchanged))))
         mismatches, read = [], 0
         for index in picked:
             offset = index * self.chunk_size
-            data = self.read(min(self.chunk_size, self.size - offset), offset)
-            read += len(data)
-            digest = ZERO if is_zero(data) else digest_of(data)
+            view = self.buffer(min(self.chunk_size, self.size - offset))
+            self.read_into(view, offset)
+            read += len(view)
+            digest = digest_of(view)
+            if digest == zero_digest(len(view)):
+                digest = ZERO
             if digest != parent_digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE]:
                 mismatches.append(offset)
         self.stats["bytes_read"] += read
@@ -235,31 +326,33 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
     count = chunk_count(size, chunk_size)
     parent = repo.latest_with(name)
     reason, changed = plan(parent, name, info, cbt_map, chunk_size, opts.full)
-    reader = DeviceReader(image, size, store, opts.workers, stored)
+    reader = DeviceReader(image, size, store, opts.workers, RateLimit(opts.rate_limit), stored)
     audit = None
     try:
         if changed is not None:
             digests = bytearray(repo.read_index(parent, name, digest_of))
             if opts.audit:
-                changed_set = set(changed)
-                unchanged = [i for i in range(count) if i not in changed_set]
+                unchanged = [i for i in range(count) if i not in changed]
                 audit = reader.audit(bytes(digests), unchanged, opts.audit)
                 if audit["mismatches"]:
                     reason = report_audit(out, name, parent["point"], audit)
         if changed is None or reason:
             out.say(f"{name}: full read: {reason}")
-            indexes, digests = list(range(count)), bytearray(count * DIGEST_SIZE)
+            indexes, digests, changed = range(count), bytearray(count * DIGEST_SIZE), None
         else:
             out.say(f"{name}: incremental from point {parent['point']}: {len(changed)} of {count} "
                     f"chunks changed since CBT number {parent['devices'][name]['cbt']['changes_number']}")
-            indexes = changed
+            indexes = sorted(changed)
         progress = out.progress(sum(min(chunk_size, size - i * chunk_size) for i in indexes), name)
         try:
-            reader.read_into(indexes, digests, progress)
+            reader.read_all(indexes, digests, progress, changed)
         finally:
             progress.close()
     finally:
         reader.close()
+    if reader.stats["parents_unreadable"]:
+        out.warn(f"{name}: {reader.stats['parents_unreadable']} chunks of point {parent['point']} did not "
+                 "pass their checks; they were read whole from the device ('backup verify' names them)")
     try:
         index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
     except OSError as exc:
@@ -269,7 +362,8 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
             "chunks": count, "zero_chunks": zero,
             "cbt": {k: info[k] for k in ("generation_id", "changes_number", "block_size")},
             "mode": "incremental" if reason is None else "full", "reason": reason,
-            "parent": parent["point"] if parent else None, "audit": audit, **reader.stats}
+            "parent": parent["point"] if parent else None, "audit": audit, **reader.stats,
+            "seconds": {k: round(v, 3) for k, v in reader.seconds.items()}}
 
 
 def report_audit(out: Output, name: str, parent: str, audit: dict) -> str:
@@ -299,6 +393,7 @@ def create(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: O
     """Make one point of ``names`` (holding the writer lock); its manifest."""
     if len(set(names)) != len(names):
         raise SnapfsError(errno.EINVAL, "a device is named twice")
+    set_io_priority(opts.io_priority)     # before any thread starts: they inherit it
     with repo.lock():
         repo.clear_tmp()
         release_leftover(repo, out)
@@ -335,7 +430,7 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
             + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
     point = repo.new_point_id(started)
-    store, stored = ChunkStore(repo), []
+    store, stored = ChunkStore(repo, deferred=True), []
     devices = {}
     try:
         for name in names:
@@ -343,12 +438,17 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
             image = os.path.join(mount, "snapshots", snap, name)
             devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out,
                                           stored)
-        store.sync()
+        try:
+            store.sync()                  # the committer's first error, if any
+        except OSError as exc:
+            raise repo_error(exc, repo, "storing chunks") from None
     except BaseException:
+        store.close()                     # no commit runs while the run's chunks are removed
         discard(repo, point, stored, out)
         raise
+    store.close()
     totals = {k: sum(d[k] for d in devices.values())
-              for k in ("bytes_read", "bytes_new", "plain_new", "chunks_new")}
+              for k in ("bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new")}
     manifest = {
         "format": 1, "point": point, "unix_time": started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

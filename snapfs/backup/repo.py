@@ -54,9 +54,26 @@ with ``-N`` appended when that name is taken)::
      "devices": {NAME: {"size", "index", "index_digest", "chunks", "zero_chunks",
                         "cbt": {"generation_id", "changes_number", "block_size"},
                         "mode": "full" | "incremental", "reason": why (full reads), "parent": POINT | null,
-                        "chunks_read", "bytes_read", "chunks_new", "bytes_new" (stored, compressed),
-                        "plain_new", "audit": {"sampled", "mismatches": [offsets]} | null}},
-     "stats": {"bytes_read", "bytes_new", "plain_new", "chunks_new", "duration"}}
+                        "chunks_read", "bytes_read" (from the snapshot image, audit included),
+                        "repo_bytes_read" (chunk files read to rebuild chunks), "chunks_rebuilt",
+                        "parents_unreadable", "chunks_new", "bytes_new" (stored, compressed),
+                        "plain_new", "audit": {"sampled", "mismatches": [offsets]} | null,
+                        "seconds": {"image", "repository", "hash", "store"}}},
+     "stats": {"bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new", "duration"}}
+
+A rebuilt chunk (an incremental where CBT marked only some blocks of a chunk): the
+parent point's chunk read from this repository and checked, the changed blocks read
+from the snapshot image over it; it is then hashed and stored like any other chunk,
+so the files above do not say how a chunk was made.
+
+"seconds": the worker thread-seconds spent reading the image, reading parent chunks
+from the repository, hashing, and storing (compression, chunk file writes, fsync):
+where a backup's time went.
+
+Compatibility: version 1 was extended, not bumped. "repo_bytes_read", "chunks_rebuilt",
+"parents_unreadable" and "seconds" came with rebuilt chunks (issue 21); manifests
+written before lack them and read as 0. Nothing else changed, and readers ignore keys they do
+not know, so older and newer tools read each other's repositories.
 
 Encryption is not built. Room for it: ``config["encryption"]`` is null; a future
 version puts a key-derivation section there (algorithm, salt, parameters, a wrapped
@@ -69,9 +86,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -85,6 +104,7 @@ DIGEST_SIZE = 32
 ZERO = bytes(DIGEST_SIZE)                # the index entry of an all-zero chunk
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 64 << 10, 64 << 20
+ALIGN = 4096                             # O_DIRECT writes of chunk files: offsets and lengths
 
 CHUNK_MAGIC = b"SBC1"
 CHUNK_HEADER = struct.Struct("<4sB3xII")     # magic, compression, plaintext length, crc32
@@ -107,12 +127,12 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
-def encode_chunk(compression: int, plain_len: int, payload: bytes) -> bytes:
-    """A chunk file's bytes: header + payload."""
-    return CHUNK_HEADER.pack(CHUNK_MAGIC, compression, plain_len, zlib.crc32(payload)) + payload
+def chunk_header(compression: int, plain_len: int, payload) -> bytes:
+    """The 16-byte header of a chunk file whose payload is ``payload`` (any buffer)."""
+    return CHUNK_HEADER.pack(CHUNK_MAGIC, compression, plain_len, zlib.crc32(payload))
 
 
-def decode_chunk(raw: bytes) -> tuple[int, int, memoryview]:
+def decode_chunk(raw) -> tuple[int, int, memoryview]:
     """(compression, plaintext length, payload) of a chunk file; Damaged if the header
     or the CRC of the stored bytes is wrong."""
     if len(raw) < CHUNK_HEADER.size:
@@ -145,6 +165,31 @@ def decode_index(raw: bytes, digest_of) -> tuple[int, int, bytes]:
     return size, chunk_size, digests
 
 
+class ThreadBuffers:
+    """Page-aligned buffers of one size, one per thread and name (O_DIRECT needs the
+    alignment; reusing a buffer spares an allocation of a chunk and its page faults,
+    which cost more than hashing it). A view is valid until its thread asks again."""
+
+    def __init__(self, size: int):
+        self.size = -(-size // ALIGN) * ALIGN
+        self._local = threading.local()
+
+    def get(self, name: str, length: int) -> memoryview:
+        view = getattr(self._local, name, None)
+        if view is None:
+            view = memoryview(mmap.mmap(-1, self.size))
+            setattr(self._local, name, view)
+        return view[:length]
+
+
+def write_parts(fd: int, parts) -> None:
+    """Write every buffer of ``parts``, in order, at the file position."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -174,6 +219,9 @@ class Repo:
             raise SnapfsError(errno.EPROTO, f"{self.path} is encrypted; this version cannot read it")
         self.chunk_size = int(self.config["chunk_size"])
         self.zstd_level = int(self.config["compression"]["level"])
+        # a chunk, or a chunk file padded for O_DIRECT
+        self.buffers = ThreadBuffers(self.chunk_size + CHUNK_HEADER.size + ALIGN)
+        self.direct_writes = True            # until the filesystem refuses O_DIRECT
 
     @classmethod
     def init(cls, path: str, chunk_size: int = DEFAULT_CHUNK_SIZE, zstd_level: int = 3) -> "Repo":
@@ -226,21 +274,51 @@ class Repo:
     def tmp_name(self, hint: str) -> str:
         return self.p("tmp", f"{hint}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
 
-    def write_atomic(self, final: str, data: bytes, sync_dir: bool = True) -> None:
-        """Write ``data`` to a temporary file, fsync it, rename it to ``final`` (and
-        fsync its directory unless the caller batches that)."""
+    def write_atomic(self, final: str, *parts, sync_dir: bool = True) -> None:
+        """Write ``parts`` (buffers, in order) to a temporary file, fsync it, rename it
+        to ``final`` (and fsync its directory unless the caller batches that)."""
         tmp = self.tmp_name(os.path.basename(final))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_parts(fd, parts)
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._commit(tmp, final, sync_dir)
+
+    def _commit(self, tmp: str, final: str, sync_dir: bool) -> None:
         os.rename(tmp, final)
         if sync_dir:
             fsync_dir(os.path.dirname(final))
+
+    def _write_direct(self, tmp: str, view: memoryview, length: int) -> int | None:
+        """Write ``view[:length]`` (``view`` page-aligned) to a new file: the whole
+        ALIGN blocks with O_DIRECT, the rest through the page cache; the open fd, or
+        None (nothing left behind) where the filesystem refuses O_DIRECT (tmpfs), and
+        from then on."""
+        if not self.direct_writes:
+            return None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct_writes = False
+            return None
+        try:
+            aligned = length // ALIGN * ALIGN
+            write_parts(fd, [view[:aligned]])
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            write_parts(fd, [view[aligned:length]])
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(tmp)
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct_writes = False
+            return None
+        return fd
 
     def clear_tmp(self) -> None:
         """Remove what interrupted writers left in tmp/ (call holding the writer lock)."""
@@ -257,21 +335,66 @@ class Repo:
     def has_chunk(self, digest: bytes) -> bool:
         return os.path.exists(self.chunk_path(digest))
 
-    def write_chunk(self, digest: bytes, compression: int, plain_len: int, payload: bytes) -> str:
+    def write_chunk(self, digest: bytes, compression: int, plain_len: int, payload) -> str:
         """Store a chunk file (fsynced; its directory is returned for the caller to
         fsync once, before the manifest that references it is written)."""
-        final = self.chunk_path(digest)
-        directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
-        self.write_atomic(final, encode_chunk(compression, plain_len, payload), sync_dir=False)
-        return directory
+        return self.commit_chunk(*self.stage_chunk(digest, compression, plain_len, payload))
 
-    def read_chunk_file(self, digest: bytes) -> bytes:
+    def stage_chunk(self, digest: bytes, compression: int, plain_len: int,
+                    payload) -> tuple[int, str, str]:
+        """Write a chunk file under a temporary name, not yet durable: (open fd, tmp
+        path, final path) for ``commit_chunk``. ``payload`` (any buffer) and the header
+        are copied into a page-aligned buffer and written with O_DIRECT where the
+        filesystem allows it (no page cache to fill and write back: a backup writes
+        about as much as it reads)."""
+        final = self.chunk_path(digest)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        header = chunk_header(compression, plain_len, payload)
+        length = len(header) + len(payload)
+        view = self.buffers.get("staging", self.buffers.size)
+        view[:len(header)], view[len(header):length] = header, payload
+        tmp = self.tmp_name(os.path.basename(final))
+        fd = self._write_direct(tmp, view, length)
+        if fd is None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                write_parts(fd, [view[:length]])
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd, tmp, final
+
+    def commit_chunk(self, fd: int, tmp: str, final: str) -> str:
+        """fsync and close a staged chunk file, then rename it into place (a chunk file
+        under its name is always whole); its directory, for the caller to fsync."""
         try:
-            with open(self.chunk_path(digest), "rb") as f:
-                return f.read()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        return os.path.dirname(final)
+
+    def read_chunk_file(self, digest: bytes) -> memoryview:
+        """The bytes of a chunk file, in this thread's "file" buffer, placed so that
+        the payload is page-aligned (restore writes it with O_DIRECT)."""
+        try:
+            fd = os.open(self.chunk_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise Damaged("chunk file is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size > CHUNK_HEADER.size + self.chunk_size:
+                raise Damaged(f"chunk file holds {size} bytes, more than a chunk")
+            skip = ALIGN - CHUNK_HEADER.size         # so that the payload starts page-aligned
+            view, done = self.buffers.get("file", skip + size)[skip:], 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], done)
+                if not got:
+                    raise Damaged("chunk file shrank while read")
+                done += got
+            return view
+        finally:
+            os.close(fd)
 
     def chunk_files(self):
         """(digest, path, size) of every chunk file."""

@@ -36,7 +36,7 @@ def check_all(store: ChunkStore, digests: list[bytes], workers: int, progress) -
     """{digest: why} for the damaged ones, checked in parallel."""
     def check(digest: bytes) -> tuple[int, str | None]:
         try:
-            return len(store.get(digest)), None
+            return len(store.load(digest)[0]), None
         except Damaged as exc:
             return 0, exc.message
 

@@ -15,7 +15,9 @@ All three read the same snapshot image, ``MNT/snapshots/ID/disk``:
     restore    snapfs backup restore to a new file (sparse) | borg extract --sparse |
                dd if=/dev/zero of a file of the same size, conv=fsync
     verify     snapfs backup verify | borg check --verify-data
-    repository size after the two points (du); bytes the incremental read
+    repository size after the two points (du); bytes the incremental read from the
+               device, and from the repository (snapfs rebuilds a partly changed chunk from
+               the parent's chunk and the changed CBT blocks)
 
 borg runs with ``BORG_*`` variables that keep it from asking questions, on an
 unencrypted repository (``-e none``), so both tools do the same work.
@@ -149,6 +151,13 @@ class BackupBench:
                                      "--storage", self.work, self.repos[who], "disk")))
         return timed(create, dev), out
 
+    def profile(self, who: str, manifest: dict) -> None:
+        """The full backup's worker time by stage (the manifest's thread-seconds), as shares."""
+        spent = manifest["devices"]["disk"].get("seconds", {})
+        total = sum(spent.values()) or 1.0
+        for stage in ("image", "hash", "store"):
+            self.put(f"profile_{stage}", who, 100 * spent.get(stage, 0.0) / total)
+
     def borg_create(self, image: Path, name: str, dev: Path) -> float:
         return timed(lambda: sh("borg", "create", "--compression", "zstd,3", f"{self.borg_repo}::{name}",
                                 image.name, env=BORG_ENV, cwd=image.parent), dev)
@@ -165,16 +174,24 @@ class BackupBench:
             self.notes.append("borg not installed (apt-get install borgbackup): its column is n/a")
         mib = self.size / MiB
         for who in SNAPFS_REPOS:
-            self.put("full", who, mib / self.snapfs_backup(who, mnt, dev)[0])
+            seconds, manifest = self.snapfs_backup(who, mnt, dev)
+            self.put("full", who, mib / seconds)
+            self.profile(who, manifest)
         with snapshot(mnt, self.work, self.size) as image:
             self.put("full", "dd", mib / timed(lambda: sh("dd", f"if={image}", "of=/dev/null", "bs=4M"), dev))
+            direct = mib / timed(lambda: sh("dd", f"if={image}", "of=/dev/null", "bs=4M", "iflag=direct"),
+                                 dev)
+            self.notes.append(f"dd iflag=direct of the image (snapfs backup reads with O_DIRECT): "
+                              f"{direct:.0f} MiB/s.")
             if self.borg:
                 self.put("full", "borg", mib / self.borg_create(image, "p1", dev))
-        rewrite_one_percent(mnt / "devices" / "disk", self.size)
+        changed = rewrite_one_percent(mnt / "devices" / "disk", self.size)
+        self.notes.append(f"The 1% rewrite changed {changed / MiB:.0f} MiB, whole 64 KiB CBT blocks.")
         for who in SNAPFS_REPOS:
             seconds, manifest = self.snapfs_backup(who, mnt, dev)
             self.put("incremental", who, seconds)
             self.put("incr_read", who, manifest["stats"]["bytes_read"] / MiB)
+            self.put("incr_repo_read", who, manifest["stats"].get("repo_bytes_read", 0) / MiB)
         with snapshot(mnt, self.work, self.size) as image:
             self.put("incremental", "dd", timed(lambda: sh("dd", f"if={image}", "of=/dev/null", "bs=4M"),
                                                 dev))
@@ -212,8 +229,12 @@ class BackupBench:
 # key, label, unit, lower is better
 ROWS = [
     ("full", "full backup (dd: read of the image)", "MiB/s", False),
+    ("profile_image", "full backup: worker time reading the image", "%", True),
+    ("profile_hash", "full backup: worker time hashing (BLAKE3)", "%", True),
+    ("profile_store", "full backup: worker time storing (zstd, write, fsync)", "%", True),
     ("incremental", "after 1% rewritten: backup (borg: 2nd run; dd: read of the image)", "s", True),
-    ("incr_read", "after 1% rewritten: bytes read", "MiB", True),
+    ("incr_read", "after 1% rewritten: bytes read from the device", "MiB", True),
+    ("incr_repo_read", "after 1% rewritten: bytes read from the repository", "MiB", True),
     ("restore", "restore to a new file (dd: write of the same size)", "MiB/s", False),
     ("verify", "verify the repository (borg check --verify-data)", "s", True),
     ("repo_size", "repository after both points", "MiB", True),

@@ -22,9 +22,10 @@ Real device (second table, ``realdev``; --no-real skips it): the three contender
 turns on ONE uncached loop device (losetup --direct-io=on over a --real-size file of
 random data; QEMU as a host_device node), page cache dropped before every job;
 --real-rounds rounds of --real-runtime s jobs: 4 KiB O_DIRECT random reads with 1 and
-16 jobs, a buffered 1 MiB sequential read and a ``cp`` of the device, a buffered read
-of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs only) 16-job
-random reads with the source in the page cache; --real-only runs only it.
+16 jobs, a buffered 1 MiB sequential read and a ``cp`` of the device, a database's
+commit (4 KiB O_DIRECT random writes, each followed by fsync, 1 and 4 jobs), a
+buffered read of a snapshot image, 8-job 4 KiB random writes after take, and (snapfs
+only) 16-job random reads with the source in the page cache; --real-only runs only it.
 
 Interposition and backup under load (``interpose`` and ``underload``; --no-load skips
 them, and they are skipped when PostgreSQL 15 is not installed): pgbench on ext4 over
@@ -156,7 +157,7 @@ def check_tools(cfg: Config) -> None:
     missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3 util-linux")
-    if cfg.qemu and not shutil.which("qemu-storage-daemon"):
+    if cfg.qemu and cfg.only != "backup" and not shutil.which("qemu-storage-daemon"):
         if not cfg.quick:
             raise BenchError("qemu-storage-daemon missing: apt-get install -y qemu-system-common "
                              "qemu-utils (or pass --no-qemu)")

@@ -112,4 +112,7 @@ WORKLOADS |= {
     "real_snap_seq_read": BUFFERED_SEQ_READ,
     "real_cow_rand_write": Workload(with_options(partial(rand_job, "randwrite"), *jobs(8)), "write", "iops"),
     "real_cached_rand_read_16": RAND_READ_16,
+    "real_commit_1": Workload(with_options(partial(rand_job, "randwrite"), "--fsync=1"), "write", "iops"),
+    "real_commit_4": Workload(with_options(partial(rand_job, "randwrite"), "--fsync=1", *jobs(4)),
+                              "write", "iops"),
 }

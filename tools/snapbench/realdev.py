@@ -28,6 +28,7 @@ from .scratch import forget, make_random_file, warm
 from .workloads import measure, record, snapshots, start_all
 
 PLAIN_READS = ("real_rand_read_1", "real_rand_read_16", "real_seq_read")
+COMMITS = ("real_commit_1", "real_commit_4")
 
 
 def run_real_device(cfg: Config, work: Path, res: Results) -> list[Contender]:
@@ -60,12 +61,13 @@ def make_contenders(cfg: Config, work: Path, dev: Path) -> list[Contender]:
 
 
 @contextlib.contextmanager
-def loop_device(backing: Path, offset: int = 0, size: int | None = None):
+def loop_device(backing: Path, offset: int = 0, size: int | None = None, direct: bool = True):
     """``losetup --find --show --direct-io=on backing`` (``size`` bytes at ``offset``
-    when given); detached at the end (the kernel finishes the detach when the last
-    user closes it)."""
+    when given; buffered unless ``direct``); detached at the end (the kernel finishes
+    the detach when the last user closes it)."""
     part = ["--offset", str(offset), "--sizelimit", str(size)] if size is not None else []
-    done = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", *part, str(backing)],
+    mode = "--direct-io=on" if direct else "--direct-io=off"
+    done = subprocess.run(["losetup", "--find", "--show", mode, *part, str(backing)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"losetup {backing} failed: {done.stderr.strip()}")
@@ -106,6 +108,9 @@ def real_round(cs: list[Contender], cfg: Config, work: Path, res: Results, rnd: 
             run(res, key, c, c.reader)
     for c in cs:
         record(res, "real_cp", c.name, "MiB/s", partial(copy_speed, c.reader, c.source, cfg.size))
+    for key in COMMITS:
+        for c in cs:
+            run(res, key, c, c.device)
     with snapshots(cs, res, ["real_snap_seq_read"]) as held:
         for c in held:
             run(res, "real_snap_seq_read", c, c.image)

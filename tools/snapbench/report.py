@@ -54,6 +54,8 @@ REAL_ROWS = [
     Row("real_snap_seq_read", "snapshot image: seq read 1M buffered (raw: the device)", "MiB/s"),
     Row("real_cow_rand_write", "after take: rand write 4K direct, 8 jobs (raw: no snapshot)", "IOPS"),
     Row("real_cached_rand_read_16", "source in page cache: rand read 4K direct, 16 jobs", "IOPS"),
+    Row("real_commit_1", "commit: rand write 4K direct + fsync, 1 job", "IOPS"),
+    Row("real_commit_4", "commit: rand write 4K direct + fsync, 4 jobs", "IOPS"),
 ]
 
 RATIOS = {"qemu": "ratio", "raw": "ratio_raw"}   # ratio column -> key in a table row
