@@ -50,7 +50,9 @@ MAX_IN_FLIGHT = 256     # pieces submitted at once per trio run; more go to thre
 _POOLED = 32            # idle buffers kept per size
 _IOCB_FLAG_RESFD = 1    # completion bumps the eventfd in ``resfd``
 _IOCB_FLAG_IOPRIO = 2   # the read carries the I/O priority in ``aio_reqprio``
-_NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.EINTR)   # answers that mean "use a thread"
+# answers that mean "use a thread" (EPERM: a priority this daemon may not give, e.g. the
+# real-time class of an ``ionice -c1`` reader without CAP_SYS_NICE)
+_NOT_HERE = (errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.EINTR, errno.EPERM)
 
 
 class _Read:

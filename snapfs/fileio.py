@@ -12,8 +12,9 @@ Writes: the kernels this runs on refuse ``pwritev(RWF_NOWAIT)`` on buffered file
 ext4, tmpfs and block devices (EOPNOTSUPP; docs/performance.md), so a write is done
 inline with a plain ``pwrite`` only when it cannot wait for the disk: every page it
 covers only in part is in the page cache (a 1-byte ``RWF_NOWAIT`` read of each edge
-page says so; whole pages are never read), no write of this file is in a worker thread
-(which would hold the file's lock while it waits), and no inline write of this file
+page says so; whole pages are never read), no call on this file is in a worker thread
+(a write, fsync, fallocate or punch holds the file's lock while it waits, and so does a
+read on xfs), and no inline write of this file
 took longer than ``STALL`` in the last ``BACKOFF`` seconds while the thread slept in
 it (a voluntary context switch: dirty-page throttling, a journal or lock wait, a read;
 being preempted on a busy machine does not count): the file's writes then go to
@@ -28,6 +29,8 @@ import os
 import resource
 import time
 from collections.abc import Callable
+
+import trio
 
 from . import aio, ioprio, workers
 
@@ -82,7 +85,10 @@ class FileIO:
         self.direct_fd = direct_fd
         self.inline = True
         self.hits = HitRate()
-        self.thread_writes = 0           # writes of this file in worker threads now
+        self.thread_calls = 0            # calls on this file in worker threads now
+        self.written = 0                 # writes that returned so far
+        self.durable = 0                 # of those, how many a finished flush covers
+        self._flush: trio.Event | None = None   # set when the flush in flight ends
         self.stalled_until = 0.0         # monotonic: inline writes resume then
 
     # ----- reads --------------------------------------------------------------------
@@ -104,17 +110,23 @@ class FileIO:
                 data = await aio.pread(self.direct_fd, offset, size, prio)
                 if data is not None:
                     return data
-            if prio:
-                return await workers.run(self._pread_at, prio, offset, size)
-            return await workers.run(self.pread, offset, size)
+            self.thread_calls += 1
+            try:
+                if prio:
+                    return await workers.run(self._pread_at, prio, offset, size)
+                return await workers.run(self.pread, offset, size)
+            finally:
+                self.thread_calls -= 1
 
     def _pread_at(self, prio: int, offset: int, size: int) -> bytes:
-        """Worker thread: ``pread`` with the thread's I/O priority set to ``prio``."""
+        """Worker thread: ``pread`` with the thread's I/O priority set to ``prio`` (and
+        back to what it was)."""
+        before = ioprio.current_thread()
         ioprio.set_current_thread(prio)
         try:
             return self.pread(offset, size)
         finally:
-            ioprio.set_current_thread(0)
+            ioprio.set_current_thread(before)
 
     # ----- writes -------------------------------------------------------------------
 
@@ -127,27 +139,47 @@ class FileIO:
             t1 = time.monotonic()
             if t1 - t0 > STALL and _sleeps() != slept:
                 self.stalled_until = t1 + BACKOFF
-            return
-        self.thread_writes += 1
-        try:
-            with workers.priority.waiting():
-                await workers.run(self.pwrite, offset, data)
-        finally:
-            self.thread_writes -= 1
+        else:
+            self.thread_calls += 1
+            try:
+                with workers.priority.waiting():
+                    await workers.run(self.pwrite, offset, data)
+            finally:
+                self.thread_calls -= 1
+        self.written += 1
+
+    async def sync(self, fn: Callable[[], None]) -> None:
+        """Make every write that returned before this call durable with ``fn`` (the
+        blocking fdatasync or fsync), sharing flushes: a flush in flight that began
+        after those writes covers them, so concurrent callers (a database's committing
+        clients) wait for it instead of each starting one; otherwise one starts. A
+        flush's error reaches the caller that started it; the others try their own."""
+        target = self.written
+        while self.durable < target:
+            if self._flush is not None:
+                await self._flush.wait()
+                continue
+            start, self._flush = self.written, trio.Event()
+            try:
+                await self.run(fn)
+                self.durable = max(self.durable, start)
+            finally:
+                self._flush.set()
+                self._flush = None
 
     async def run(self, fn: Callable, *args):
         """Another blocking call on this file (punch, fdatasync) in a worker thread;
         counted like a thread write, so inline writes do not queue on the file's lock
         behind it."""
-        self.thread_writes += 1
+        self.thread_calls += 1
         try:
             with workers.priority.waiting():
                 return await workers.run(fn, *args)
         finally:
-            self.thread_writes -= 1
+            self.thread_calls -= 1
 
     def _may_write_inline(self, offset: int, size: int) -> bool:
-        if not self.inline or self.thread_writes or time.monotonic() < self.stalled_until:
+        if not self.inline or self.thread_calls or time.monotonic() < self.stalled_until:
             return False
         end = offset + size
         head, tail = offset % PAGE, end % PAGE

@@ -14,11 +14,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def of(pid: int) -> int:
-    """The I/O priority of thread ``pid`` (0: none set, unknown, or gone)."""
-    if _SYS_GET is None or pid <= 0:
+    """The I/O priority of thread ``pid`` (0: none set, unknown, or gone; also class
+    "none" with a level, which older kernels report for a default thread and refuse as
+    a request's priority)."""
+    return _get(pid) if pid > 0 else 0
+
+
+def current_thread() -> int:
+    """The calling thread's I/O priority (as ``of``)."""
+    return _get(0)
+
+
+def _get(who: int) -> int:
+    if _SYS_GET is None:
         return 0
-    value = _libc.syscall(_SYS_GET, _WHO_PROCESS, pid)
-    return max(value, 0)
+    value = _libc.syscall(_SYS_GET, _WHO_PROCESS, who)
+    return value if value > 0 and value >> CLASS_SHIFT else 0
 
 
 def set_current_thread(value: int) -> None:

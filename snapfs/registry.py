@@ -364,7 +364,7 @@ class Registry:
         if area.closed:
             return
         with area.storage.in_flight.using():
-            await workers.run(area.storage.sync)
+            await area.storage.io.run(area.storage.sync)
 
     # ----- storage growth -----------------------------------------------------------
 
@@ -380,9 +380,10 @@ class Registry:
         if storage.retired:
             return
         target = storage.requested
+        workers.outside_request()     # spawned from a device write: not part of it
         with storage.in_flight.using():
             try:
-                await workers.run(storage.grow_blocking, target)
+                await storage.io.run(storage.grow_blocking, target)
             except OSError as exc:
                 storage.grow_failed(exc)
             else:

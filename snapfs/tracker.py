@@ -136,12 +136,13 @@ class Tracker:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
 
     async def sync(self) -> None:
-        """fsync of the device file: fdatasync the source in a worker thread (detach
-        waits for no open handle, so the fd stays open)."""
+        """fsync of the device file: fdatasync the source in a worker thread, shared
+        with concurrent fsyncs (``FileIO.sync``; detach waits for no open handle, so the
+        fd stays open)."""
         self._check_attached()
         try:
             with workers.priority.request():
-                await self.source.io.run(self.source.fsync)
+                await self.source.io.sync(self.source.fsync)
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"syncing device {self.name}") from None
 

@@ -133,6 +133,12 @@ _in_device_request: contextvars.ContextVar[bool] = contextvars.ContextVar("snapf
                                                                          default=False)
 
 
+def outside_request() -> None:
+    """The calling task is no device request (a task spawned from one inherits its
+    context)."""
+    _in_device_request.set(False)
+
+
 class Priority:
     """The devices' requests before the images' (trio thread only). ``ready``: device
     requests in a handler and not waiting on I/O, i.e. wanting the trio thread;

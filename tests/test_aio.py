@@ -193,3 +193,23 @@ def test_without_the_libaio_library_sources_have_no_direct_fd(datafile, monkeypa
         assert trio.run(source.io.read, 4096, 4096) == content[4096:8192]
     finally:
         source.close()
+
+
+def test_a_priority_the_daemon_may_not_give_sends_the_read_to_a_thread(datafile):
+    """The real-time class of an ``ionice -c1`` reader, for a daemon without
+    CAP_SYS_NICE: io_submit answers EPERM, and the read must go to a thread (returning
+    None here), not fail (which would corrupt a snapshot image)."""
+    import subprocess
+    import sys
+
+    path, _ = datafile
+    script = (
+        "import os, sys, trio\n"
+        "from snapfs import aio\n"
+        f"fd = os.open({str(path)!r}, os.O_RDONLY)\n"
+        "dfd = aio.open_direct(fd)\n"
+        "print(trio.run(aio.pread, dfd, 0, 4096, 1 << 13 | 4) is None)\n")
+    done = subprocess.run(["setpriv", "--bounding-set=-sys_nice,-sys_admin", "--inh-caps=-all",
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

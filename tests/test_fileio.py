@@ -163,3 +163,58 @@ def test_a_readers_io_priority_is_carried_to_the_disk_reads(tmp_path):
     finally:
         os.close(direct)
         r.close()
+
+
+def test_concurrent_syncs_share_flushes_and_each_covers_its_writes(tmp_path):
+    """Eight clients each write, then sync (a database's commits): a flush that began
+    after a client's write covers it, so far fewer than eight flushes run; every sync
+    returns only after such a flush ended; a sync with nothing written since the last
+    flush runs none; a failed flush fails only the caller that started it."""
+    path = tmp_path / "f"
+    uncached(path)
+    r = Recorded(path)
+    flushes: list[tuple[int, float, float]] = []      # (writes before it, start, end)
+
+    def flush():
+        t0 = time.monotonic()
+        time.sleep(0.05)
+        flushes.append((r.io.written, t0, time.monotonic()))
+
+    r.io.written = 0
+    wrote_at: dict[int, float] = {}
+    synced_at: dict[int, float] = {}
+
+    async def client(k):
+        await r.io.write(k * PAGE, bytes([k]) * PAGE)
+        wrote_at[k] = time.monotonic()
+        await r.io.sync(flush)
+        synced_at[k] = time.monotonic()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(client, k)
+        before = len(flushes)
+        await r.io.sync(flush)                     # nothing new: no flush
+        assert len(flushes) == before
+
+        def failing():
+            raise OSError(5, "injected")
+
+        await r.io.write(0, b"z" * PAGE)
+        try:
+            await r.io.sync(failing)
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the flush's error did not reach its caller")
+        await r.io.sync(flush)                     # the write is still not durable: a flush
+        assert len(flushes) == before + 1
+
+    try:
+        trio.run(main)
+        assert len(flushes) <= 3, flushes
+        for k in range(8):
+            assert any(start >= wrote_at[k] and end <= synced_at[k] for _, start, end in flushes), k
+    finally:
+        r.close()

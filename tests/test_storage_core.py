@@ -562,3 +562,36 @@ def test_diffstorage_short_io_raises(tmp_path):
     finally:
         s.close()
     assert os.listdir(tmp_path) == []
+
+
+async def test_no_inline_storage_write_while_a_growth_fallocates(env):
+    """fallocate holds the storage file's lock (ext4, xfs, tmpfs): while a growth runs,
+    a copy into the storage must not be written inline (the trio thread would wait for
+    the whole growth), and the growth, started from inside a device write, is no part
+    of that request's priority accounting."""
+    from snapfs import workers
+
+    release, started = threading.Event(), threading.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(env.reg.serve)
+        snap = await env.snapshot("8M", "d")
+        storage = snap.storage
+        real_grow = storage.grow_blocking
+
+        def slow_grow(target):
+            started.set()
+            release.wait(5)
+            real_grow(target)
+
+        storage.grow_blocking = slow_grow
+        await env.touch_chunks("d", range(12))                # fills half a portion: growth
+        await until(started.is_set)
+        try:
+            assert storage.io.thread_calls > 0
+            assert not storage.io._may_write_inline(storage.filled, CHUNK)
+        finally:
+            release.set()
+        await until(lambda: storage.capacity == 2 * MiB)
+        assert workers.priority.ready == 0
+        await env.execute(f"snapshot_destroy {snap.id}")
+        nursery.cancel_scope.cancel()

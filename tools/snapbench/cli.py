@@ -64,12 +64,13 @@ from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .interpose import INTERPOSE_ROWS, run_interpose
 from .memory import run_memory_test
+from .pg import pg_available
 from .qemu import Qemu
 from .realdev import run_real_device
 from .report import REAL_ROWS, ROWS, Results, report
 from .scratch import make_sources, scratch_dir
 from .take import run_take_test
-from .underload import LOAD_ROWS, pg_available, run_under_load
+from .underload import LOAD_ROWS, run_under_load
 from .workloads import run_round, start_all
 
 EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from .common import BenchError, Config, human, log
 from .contenders import Contender, Raw, Snapfs
-from .procs import shielded
+from .pg import CLIENTS, PG_SCALE, as_postgres, mounted, server
 from .qemu import QemuDevice
 from .realdev import loop_device
 from .report import Row
-from .underload import CLIENTS, PG_BIN, PG_SCALE, as_postgres
 
 INTERPOSE_ROWS = [Row("interpose_tps", "pgbench tps on ext4 over the device (no snapshot)", "tps")]
 
@@ -68,10 +67,8 @@ def contenders(cfg: Config, work: Path, disk: Path) -> list[Contender]:
 
 def prepare(disk: Path, work: Path) -> None:
     """ext4 on the disk with an initialized cluster and pgbench's tables."""
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
-    with mounted(disk, work / "pgfs") as data, server(data, work, init=True) as sock:
-        as_postgres("createdb", "-h", str(sock), "bench")
-        as_postgres("pgbench", "-h", str(sock), "-i", "-q", "-s", str(PG_SCALE), "bench", timeout=600)
+    with mounted(disk, work / "pgfs", mkfs=True) as data, server(data, work, init=True):
+        pass
 
 
 def one_run(c: Contender, disk: Path, work: Path, seconds: int) -> float:
@@ -88,42 +85,6 @@ def one_run(c: Contender, disk: Path, work: Path, seconds: int) -> float:
     if not found:
         raise BenchError(f"no tps in pgbench's output: {done.stdout[-300:]}")
     return float(found.group(1))
-
-
-@contextlib.contextmanager
-def mounted(dev: Path, where: Path):
-    """ext4 of ``dev`` mounted at ``where``; yields its pgdata directory."""
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", str(dev), str(where)], check=True)
-    try:
-        data = where / "pgdata"
-        if not data.exists():
-            data.mkdir()
-            shutil.chown(data, "postgres", "postgres")
-        yield data
-    finally:
-        with shielded():
-            subprocess.run(["umount", str(where)], capture_output=True, check=False)
-
-
-@contextlib.contextmanager
-def server(data: Path, work: Path, init: bool = False):
-    """PostgreSQL on ``data`` (initdb first when ``init``), on a Unix socket in
-    ``work``; yields the socket directory; stopped (fast) at the end."""
-    sock = work / "pgsock"
-    sock.mkdir(exist_ok=True)
-    shutil.chown(sock, "postgres", "postgres")
-    if init:
-        as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust")
-    opts = f"-k {sock} -c listen_addresses='' -c fsync=on -c shared_buffers=64MB"
-    as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "log"), "-w",
-                "start")
-    try:
-        yield sock
-    finally:
-        with shielded():
-            subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data),
-                            "-m", "fast", "-w", "stop"], capture_output=True, check=False)
 
 
 def interpose_table(res, cfg: Config) -> str:

@@ -28,14 +28,12 @@ from pathlib import Path
 
 from .common import BenchError, Config, human, log
 from .contenders import Snapfs
+from .pg import CLIENTS, PG_SCALE, mounted, server
 from .procs import shielded, tail, wait_until
 from .realdev import loop_device
 from .report import Row
 from .scratch import forget, make_random_file
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PG_SCALE = 20                 # pgbench scale: ~300 MiB of tables
-CLIENTS = 4
 QUIET = 8.0                   # seconds of the baseline window
 SETTLE = 4.0                  # seconds between a copy and the next window
 KINDS = ("sparse", "full")
@@ -60,11 +58,6 @@ def _rows() -> list[Row]:
 
 
 LOAD_ROWS = _rows()
-
-
-def pg_available() -> bool:
-    """PostgreSQL 15 server binaries and pgbench are installed."""
-    return (PG_BIN / "initdb").exists() and shutil.which("pgbench") is not None
 
 
 def run_under_load(cfg: Config, work: Path, res) -> None:
@@ -108,8 +101,8 @@ def run_kind(cfg: Config, work: Path, kind: str, res) -> None:
         stack.callback(snap.stop)
         pgdev = stack.enter_context(loop_device(snap.device, 0, size))
         pgfs = work / "pgfs"
-        pgdata = stack.enter_context(ext4_mounted(pgdev, pgfs))
-        sock = stack.enter_context(postgres(pgdata, work))
+        pgdata = stack.enter_context(mounted(pgdev, pgfs, mkfs=True))
+        sock = stack.enter_context(server(pgdata, work, init=True))
         repo = work / "repo"
         snap.cli("backup", "init", str(repo))
         bench = stack.enter_context(pgbench(sock, work, cfg.load_rounds))
@@ -211,52 +204,6 @@ def fsync_writer(where: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@contextlib.contextmanager
-def ext4_mounted(dev: Path, where: Path):
-    """mkfs.ext4 on ``dev``, mounted at ``where``; yields the data directory (owned by
-    postgres)."""
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(dev)], check=True)
-    where.mkdir()
-    subprocess.run(["mount", str(dev), str(where)], check=True)
-    try:
-        data = where / "pgdata"
-        data.mkdir()
-        shutil.chown(data, "postgres", "postgres")
-        yield data
-    finally:
-        with shielded():
-            subprocess.run(["umount", str(where)], capture_output=True, check=False)
-
-
-def as_postgres(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    """Run a PostgreSQL program as the postgres user (initdb refuses root)."""
-    done = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=False,
-                          capture_output=True, text=True, **kw)
-    if done.returncode != 0:
-        raise BenchError(f"{Path(cmd[0]).name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
-    return done
-
-
-@contextlib.contextmanager
-def postgres(data: Path, work: Path):
-    """initdb + a server on a Unix socket in ``work``; ``pgbench -i``. Yields the socket
-    directory; the server is stopped at the end."""
-    sock = work / "pgsock"
-    sock.mkdir()
-    shutil.chown(sock, "postgres", "postgres")
-    as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust")
-    opts = f"-k {sock} -c listen_addresses='' -c fsync=on -c shared_buffers=64MB"
-    as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "log"), "-w", "start")
-    try:
-        as_postgres("createdb", "-h", str(sock), "bench")
-        as_postgres("pgbench", "-h", str(sock), "-i", "-q", "-s", str(PG_SCALE), "bench", timeout=600)
-        yield sock
-    finally:
-        with shielded():
-            subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data),
-                            "-m", "immediate", "-w", "stop"], capture_output=True, check=False)
 
 
 class PgBench:
