@@ -10,11 +10,13 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import subprocess
 import sys
 import time
 
 from . import __version__, mountinfo
+from .backup.output import DefaultsHelp, human
 from .client import (
     batched_lines,
     command,
@@ -67,11 +69,12 @@ def print_status(status: dict) -> None:
                   f"  copied {a.get('chunks_copied', 0)}" + (f"  error {err}" if err else ""))
 
 
-def human(n: int) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
+def size_text(n: int) -> str:
+    """A size as it is typed: ``256K``, ``1G``."""
+    for unit in ("T", "G", "M", "K"):
+        scale = 1 << (10 * "KMGT".index(unit) + 10)
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
     return str(n)
 
 
@@ -91,22 +94,36 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    """Unmount, then wait until the daemon has saved the CBT and let go of its sources
-    (their locks are free): that holds across pid namespaces, and it tells a mount
-    that still lives elsewhere (a container's private bind) from a finished stop."""
+    """Refuse, before touching anything, while another mount namespace holds the mount
+    (``--wait`` for them to go; ``--force`` goes on); unmount here (refused while files
+    are open, unless ``--force``: then the daemon is told ``stop force``); then wait
+    until the daemon has saved the CBT and let go of its sources (their locks are
+    free), which holds across pid namespaces."""
     mountpoint = os.path.realpath(args.mountpoint)
     if mountpoint not in snapfs_mounts():
         raise SnapfsError(errno.EINVAL, f"{mountpoint} is not a snapfs mount")
     status = read_status(mountpoint)
     sources = [(d["path"], d["kind"]) for d in status["devices"].values()]
-    dev = mountinfo.at(mountpoint).dev
+    here = mountinfo.at(mountpoint)
+    holders = wait_unheld(here, args.wait)
+    if holders and not args.force:
+        raise SnapfsError(errno.EBUSY, f"{mountpoint} is also mounted in other mount namespaces that "
+                          f"an unmount here would not reach: {'; '.join(holders)}. Nothing was changed; "
+                          "unmount it there first, or --wait SECONDS for them, or --force to unmount "
+                          "here anyway (the daemon keeps serving them)")
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
+    if result.returncode != 0 and not args.force:
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is busy (files open or a process inside it); "
-                          f"see 'fuser -vm {mountpoint}'. Nothing was changed.")
+                          f"see 'fuser -vm {mountpoint}'. Nothing was changed; --force stops the daemon "
+                          "anyway (users of open device and image files get I/O errors)")
+    if result.returncode != 0:
+        command(mountpoint, "stop force")
+    elif holders:
+        print(f"snapfs: unmounted here; the daemon keeps serving {'; '.join(holders)}", file=sys.stderr)
+        return 0
     held = wait_released(sources, args.timeout)
     if held:
-        holders = mount_holders(dev)
+        holders = mount_holders(here.dev)
         where = (f"held by {'; '.join(holders)}" if holders else
                  "not one this process can see: a container's bind?")
         raise SnapfsError(errno.EBUSY, f"{mountpoint} is unmounted here, but its daemon still holds "
@@ -114,6 +131,17 @@ def cmd_umount(args) -> int:
                           f"namespace ({where}), or the daemon is stuck; its CBT is saved when it "
                           "stops (or use 'snapfs umount' where it is still mounted)")
     return 0
+
+
+def wait_unheld(here: mountinfo.Mount, seconds: float) -> list[str]:
+    """Other mount namespaces holding the mount ``here`` (client.mount_holders), after
+    waiting up to ``seconds`` for them to let go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        holders = mount_holders(here.dev, peers=here.tags)
+        if not holders or time.monotonic() >= deadline:
+            return holders
+        time.sleep(0.1)
 
 
 def wait_released(sources: list[tuple[str, str]], timeout: float) -> str | None:
@@ -188,7 +216,7 @@ def cmd_control(args) -> int:
     for dest in args.dests:
         value = getattr(args, dest)
         words += value if isinstance(value, list) else [] if value is None else [value]
-    if getattr(args, "nofreeze", False):
+    if getattr(args, "nofreeze", False) or getattr(args, "option", None) == "nofreeze":
         words.append("nofreeze")
     reply = command(find_mount(args.mount), " ".join(quote(w) for w in words))
     print_reply(reply, args.json)
@@ -196,22 +224,43 @@ def cmd_control(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    """Follow snapshots/ID/events until the snapshot is destroyed."""
+    """Follow snapshots/ID/events until the snapshot is destroyed: non-blocking reads
+    and poll(), so Ctrl-C or any signal ends it at once (a blocking read would hold
+    the process in the kernel until the daemon answers)."""
     mount = find_mount(args.mount)
     path = os.path.join(mount, "snapshots", args.id, "events")
     try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"snapshot {args.id}") from None
-    with f:
-        buf = b""
-        while chunk := f.read(65536):
+    buf = b""
+    try:
+        for chunk in follow(fd):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 print(format_event(json.loads(line)) if not args.json else line.decode(), flush=True)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, path) from None
+    finally:
+        os.close(fd)
     print(f"snapshot {args.id} destroyed", flush=True)
     return 0
+
+
+def follow(fd: int):
+    """The chunks of a non-blocking events file until EOF; poll() waits between them."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            poller.poll(1000)
+        else:
+            if not chunk:
+                return
+            yield chunk
 
 
 def format_event(ev: dict) -> str:
@@ -276,9 +325,10 @@ def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) 
     for token in usage.split():
         optional, many = token.startswith("["), token.rstrip("]").endswith("...")
         word = token.strip("[]").rstrip(".")
-        if word == "nofreeze":
-            parser.add_argument("--nofreeze", action="store_true",
+        if word == "nofreeze":           # as the command line has it, or as an option
+            parser.add_argument("option", nargs="?", choices=["nofreeze"], metavar="nofreeze",
                                 help="do not freeze filesystems stacked on the devices")
+            parser.add_argument("--nofreeze", action="store_true", help="the same")
             continue
         if verb == "markdirtyblock":      # or --file instead
             optional = True
@@ -290,7 +340,8 @@ def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0].replace("``", ""),
+                                formatter_class=DefaultsHelp)
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -298,15 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     # the same options after the command; SUPPRESS keeps a value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-m", "--mount", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-m", "--mount", default=argparse.SUPPRESS,
+                        help="mount point (default: the only snapfs mount)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of text")
 
-    m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)")
+    m = sub.add_parser("mount", help="mount snapfs over devices (foreground unless --daemon)",
+                       formatter_class=DefaultsHelp)
     m.add_argument("mountpoint")
     m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
     for f in dataclasses.fields(Params):
-        m.add_argument("--" + f.name.replace("_", "-"), type=_size if f.name.endswith("_minimum") else int,
-                       default=f.default)
+        size = f.name.endswith("_minimum")
+        m.add_argument("--" + f.name.replace("_", "-"), type=_size if size else int, default=f.default,
+                       help=f"{PARAM_HELP[f.name]} (default: {size_text(f.default) if size else f.default})")
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
     m.add_argument("--read-ahead-kb", type=int, default=4096,
                    help="kernel read-ahead on the mount's files (default 4096)")
@@ -316,24 +371,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="fuse_options", action="append", default=[],
                    help="FUSE option; only allow_other is accepted")
     m.add_argument("--daemon", action="store_true", help="detach once the mount is ready")
-    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="what to log")
     m.add_argument("--log-file", help="log here (default: stderr, or STATE_DIR/snapfs.log with --daemon)")
     m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open")
+    u = sub.add_parser("umount", help="clean stop: persists CBT; refuses while files are open or "
+                       "another mount namespace holds the mount", formatter_class=DefaultsHelp)
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to wait for the daemon to save CBT and let go (default 60)")
+                   help="seconds to wait for the daemon to save CBT and let go (default: %(default)s)")
+    u.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for other mount namespaces holding the mount to let go "
+                   "(default: %(default)s, refuse at once)")
+    u.add_argument("--force", action="store_true",
+                   help="unmount here even if other mount namespaces hold the mount (the daemon keeps "
+                   "serving them); with files open here, stop the daemon anyway: DATA-LOSING for "
+                   "their users, who get I/O errors")
     u.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use")
+    s = sub.add_parser("status", parents=[common], help="devices, snapshots, storage use",
+                       formatter_class=DefaultsHelp)
     s.set_defaults(func=cmd_status)
 
-    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy")
+    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy",
+                       formatter_class=DefaultsHelp)
     w.add_argument("id")
     w.set_defaults(func=cmd_watch)
 
-    cc = sub.add_parser("cbt-changes", parents=[common],
+    cc = sub.add_parser("cbt-changes", parents=[common], formatter_class=DefaultsHelp,
                         help="changed byte ranges since a backup's generation_id and changes_number")
     cc.add_argument("name")
     cc.add_argument("generation_id")
@@ -347,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             continue                      # the table above
         c = sub.add_parser(name, parents=[common], help=f"{verb.usage}: {verb.help}" if verb.usage
-                           else verb.help)
+                           else verb.help, description=verb.help, formatter_class=DefaultsHelp)
         dests = add_usage_arguments(c, name, verb.usage)
         if name == "markdirtyblock":
             c.add_argument("--file", help="mark the blocks of this file (in a filesystem stacked "
@@ -355,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
                        command=name, dests=dests)
     return p
+
+
+PARAM_HELP = {
+    "chunk_minimum": "smallest copy-before-write chunk (a power of two, 4K-64M)",
+    "chunk_maximum_count_shift": "at most 2^N chunks per device: larger devices get larger chunks",
+    "tracking_block_minimum": "smallest CBT tracking block (a power of two, 4K-64M)",
+    "tracking_block_maximum_count": "at most this many CBT blocks per device: larger devices get "
+                                    "larger blocks",
+    "diff_storage_minimum": "difference storage grows in steps of this size",
+}
 
 
 def _group(text: str) -> int:

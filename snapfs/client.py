@@ -140,22 +140,30 @@ def batched_lines(head: str, words: list[str]) -> list[str]:
     return [*lines, line]
 
 
-def mount_holders(dev: int, limit: int = 3) -> list[str]:
-    """Who still has a mount of device ``dev`` (a FUSE connection) in its mount
-    namespace: ``pid N (COMM) at PATH``, one per namespace, at most ``limit``. Only
-    processes visible and readable here (root: every one in this pid namespace)."""
+def mount_holders(dev: int, limit: int = 3, peers: tuple[str, ...] = ()) -> list[str]:
+    """Who has a mount of device ``dev`` (a FUSE connection) in a mount namespace other
+    than this process's that an unmount here does not reach: ``pid N (COMM) at PATH``,
+    one per namespace, at most ``limit``. ``peers``: the propagation tags of the mount
+    here (mountinfo.Mount.tags); one tagged ``shared:N`` or ``master:N`` with the N of
+    our ``shared:N`` is unmounted with ours. Only processes visible and readable here
+    (root: every one in this pid namespace); /proc is read, no mount is touched."""
+    groups = {t.partition(":")[2] for t in peers if t.startswith("shared:")}
+
+    def reached(m: mountinfo.Mount) -> bool:
+        return any(t.partition(":")[2] in groups for t in m.tags if t.startswith(("shared:", "master:")))
+
     found: list[str] = []
-    seen: set[tuple[int, int]] = set()
+    seen = {_ns_ident("self")}
     for name in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):
         if not name.isdigit():
             continue
         try:
-            st = os.stat(f"/proc/{name}/ns/mnt")
-            if (st.st_dev, st.st_ino) in seen:
+            ident = _ns_ident(name)
+            if ident in seen:
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen.add(ident)
             with open(f"/proc/{name}/mountinfo", "rb") as f:
-                where = [m.mountpoint for m in mountinfo.parse(f.read()) if m.dev == dev]
+                where = [m.mountpoint for m in mountinfo.parse(f.read()) if m.dev == dev and not reached(m)]
             with open(f"/proc/{name}/comm") as f:
                 comm = f.read().strip()
         except OSError:
@@ -165,6 +173,11 @@ def mount_holders(dev: int, limit: int = 3) -> list[str]:
             if len(found) == limit:
                 break
     return found
+
+
+def _ns_ident(pid: str) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}/ns/mnt")
+    return st.st_dev, st.st_ino
 
 
 def source_released(path: str, kind: str) -> bool:

@@ -16,7 +16,7 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__, procs
 from .errors import SnapfsError
 from .namespace import SAME, View
 from .params import SECTOR, parse_number, parse_size
@@ -33,8 +33,8 @@ MAX_TIMEOUT_MS = 60_000
 @dataclass(frozen=True)
 class Command:
     """One verb: its usage, a one-line help, its argument count range, and the coroutine
-    that runs it (registry, *words) -> reply fields; with ``paths``, it names paths and
-    also gets ``view=`` (where the sender sees them, namespace.py)."""
+    that runs it (registry, *words) -> reply fields; with ``paths``, it also gets
+    ``view=`` (the sender: where it sees paths, namespace.py, and its pid)."""
 
     usage: str
     help: str
@@ -73,7 +73,7 @@ async def execute(registry: Registry, line: str, view: View = SAME) -> dict:
     command = COMMANDS.get(words[0])
     if command is None:
         raise SnapfsError(errno.EINVAL, f"unknown command {words[0][:64]!r}")
-    if registry.stopping and words[0] not in ("version", "status"):
+    if registry.stopping and words[0] not in ("version", "status", "stop"):
         raise SnapfsError(errno.ESHUTDOWN, "the mount is stopping")
     if not command.low <= len(words) - 1 <= command.high:
         raise SnapfsError(errno.EINVAL, f"usage: {words[0]} {command.usage}")
@@ -183,10 +183,19 @@ async def _snapshot_info(reg: Registry, name: str) -> dict:
     return {"id": snap.id, "image": f"snapshots/{snap.id}/{name}", "error_code": snap.error_code(name)}
 
 
-async def _snapshot_waitevent(reg: Registry, snap_id: str, timeout_ms: str) -> dict:
+async def _snapshot_waitevent(reg: Registry, snap_id: str, timeout_ms: str, view: View) -> dict:
+    """Ends with EINTR once the sender has a signal pending (the kernel would hold a
+    killed sender until the reply)."""
     reg.snapshot(snap_id)
     timeout = parse_number(timeout_ms, "timeout (milliseconds)", MAX_TIMEOUT_MS)
-    return {"event": await reg.wait_event(snap_id, timeout / 1000)}
+    return {"event": await reg.wait_event(snap_id, timeout / 1000, lambda: procs.signal_pending(view.pid))}
+
+
+async def _stop(reg: Registry, option: str = "") -> dict:
+    if option not in ("", "force"):
+        raise SnapfsError(errno.EINVAL, f"unknown stop option {option[:64]!r} (only force)")
+    reg.request_stop(option == "force")
+    return {}
 
 
 COMMANDS: dict[str, Command] = {
@@ -206,5 +215,7 @@ COMMANDS: dict[str, Command] = {
     "snapshot_info": Command("NAME", "snapshot id, image path and error code of a device",
                              1, 1, _snapshot_info),
     "snapshot_waitevent": Command("ID TIMEOUT_MS", "pop the next event (at most 60000 ms)",
-                                  2, 2, _snapshot_waitevent),
+                                  2, 2, _snapshot_waitevent, paths=True),
+    "stop": Command("[force]", "stop the daemon as SIGTERM does: once no device or image file is "
+                    "open; force: at once (their users get I/O errors)", 0, 1, _stop),
 }

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import control, ioprio, workers
+from . import control, ioprio, procs, workers
 from .errors import SnapfsError
 from .namespace import View
-from .registry import Registry
+from .registry import INTERRUPT_CHECK, Registry
 from .snapshot import Snapshot
 from .tracker import Tracker
 
@@ -124,7 +124,8 @@ class ContentHandle(Handle):
 class ControlHandle(Handle):
     """One command per write; the reply waits here for the next read (offsets ignored).
     Paths in commands are resolved where the opener sees them (``view``: pyfuse3's
-    write has no request context, so the open's pid decides, as for the uid)."""
+    write has no request context, so the open's pid decides, as for the uid); a
+    waiting ``snapshot_waitevent`` ends with EINTR once that pid has a signal pending."""
 
     def __init__(self, registry: Registry, view: View):
         self.registry, self.view, self.reply = registry, view, b""
@@ -143,13 +144,22 @@ class ControlHandle(Handle):
         self.view.close()
 
 
-class EventsHandle(Handle):
-    """Reads block at the end of the log until the next event, or EOF once destroyed."""
+HOLDERS_CHECK = 0.6    # seconds between scans for the holders of a blocked events file
 
-    def __init__(self, snap: Snapshot, flags: int, waiters: "Waiters"):
-        self.snap, self.flags, self.waiters = snap, flags, waiters
+
+class EventsHandle(Handle):
+    """Reads block at the end of the log until the next event, or EOF once destroyed,
+    or EINTR once a reader has a signal pending (the kernel holds a reader in a FUSE
+    request until it is answered, SIGKILL or not, and pyfuse3 does not pass the
+    kernel's interrupts on): the opener (``pid``, the reader in practice) is looked at
+    every INTERRUPT_CHECK, every process holding this events file (an inherited
+    descriptor) every HOLDERS_CHECK; with O_NONBLOCK, EAGAIN."""
+
+    def __init__(self, snap: Snapshot, flags: int, waiters: "Waiters", pid: int = 0):
+        self.snap, self.flags, self.waiters, self.pid = snap, flags, waiters, pid
         self.position = 0
         self.poll_handle = None
+        self._next_scan: float | None = None   # set when a read first blocks
 
     async def read(self, offset, size):
         log_ = self.snap.events
@@ -160,7 +170,22 @@ class EventsHandle(Handle):
                 return data
             if self.flags & os.O_NONBLOCK:
                 raise SnapfsError(errno.EAGAIN, "no new event")
-            await self.waiters.wait()
+            if procs.signal_pending(self.pid) or await self._holder_signalled():
+                raise SnapfsError(errno.EINTR, "the reader has a signal pending")
+            with trio.move_on_after(INTERRUPT_CHECK):
+                await self.waiters.wait()
+
+    async def _holder_signalled(self) -> bool:
+        """Every HOLDERS_CHECK seconds (a scan of every process's descriptors, in a
+        worker thread): whether a process holding this events file has a signal pending."""
+        now = trio.current_time()
+        if self._next_scan is None:
+            self._next_scan = now + HOLDERS_CHECK
+        if now < self._next_scan:
+            return False
+        self._next_scan = now + HOLDERS_CHECK
+        suffix = f"/snapshots/{self.snap.id}/events"
+        return await trio.to_thread.run_sync(procs.holder_signalled, suffix)
 
     def poll(self, poll_handle):
         events = self.snap.events
@@ -306,9 +331,9 @@ class ReadOnlyFile(Entry):
     async def open(self, ops, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise SnapfsError(errno.EACCES, "read-only file")
-        return self.handle(ops, flags)
+        return self.handle(ops, flags, ctx.pid)
 
-    def handle(self, ops: "Operations", flags: int) -> Handle:
+    def handle(self, ops: "Operations", flags: int, pid: int = 0) -> Handle:
         raise NotImplementedError
 
 
@@ -325,7 +350,7 @@ class JsonFile(ReadOnlyFile):
         return Attrs(stat.S_IFREG | self.source.source.st.st_mode & 0o444, 0, _source_owner(self.source),
                      backup=True)
 
-    def handle(self, ops, flags):
+    def handle(self, ops, flags, pid=0):
         return ContentHandle((json.dumps(self.produce()) + "\n").encode())
 
 
@@ -340,7 +365,7 @@ class CbtMapFile(ReadOnlyFile):
         return Attrs(stat.S_IFREG | t.source.st.st_mode & 0o444, t.cbt.block_count, _source_owner(t),
                      backup=True)
 
-    def handle(self, ops, flags):
+    def handle(self, ops, flags, pid=0):
         return ContentHandle(bytes(self.tracker.cbt.read_map))
 
 
@@ -351,8 +376,8 @@ class EventsFile(ReadOnlyFile):
     def attrs(self):
         return Attrs(stat.S_IFREG | 0o444)
 
-    def handle(self, ops, flags):
-        return EventsHandle(self.snap, flags, ops.waiters)
+    def handle(self, ops, flags, pid=0):
+        return EventsHandle(self.snap, flags, ops.waiters, pid)
 
 
 class ControlFile(Entry):
@@ -371,6 +396,19 @@ class ControlFile(Entry):
 
 # ----- the inode table and Operations -------------------------------------------------
 
+@dataclass
+class OpenFile:
+    """A device or image file open: its path in the mount, and the pid and command
+    that opened it (FUSE's request context; the loop device's ``losetup``, say)."""
+
+    path: str
+    pid: int
+    comm: str
+
+    def __str__(self) -> str:
+        return f"{self.path} (opened by pid {self.pid} {self.comm})"
+
+
 @dataclass(eq=False)
 class Node:
     inode: int
@@ -383,7 +421,9 @@ class Node:
 
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers: look up entries, open handles, dispatch. Also the registry's
-    listener: wakes event readers, drops cached image pages at destroy."""
+    listener: wakes event readers, drops cached image pages at destroy. Keeps who has
+    device and image files open (``data_files``), which a stop waits for; once
+    ``stopping`` is set, new opens of them get ESHUTDOWN."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -402,6 +442,9 @@ class Operations(pyfuse3.Operations):
         self._next_inode = ROOT + 1
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self.data_files: dict[int, OpenFile] = {}
+        self.stopping = False
+        self._data_closed = trio.Event()
 
     def serve(self, registry: Registry) -> "Operations":
         """Show ``registry`` (built with this object as its listener)."""
@@ -536,15 +579,35 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):
-        handle = await self._node(inode).entry.open(self, flags, ctx)
+        node = self._node(inode)
+        data = isinstance(node.entry, (DeviceFile, ImageFile))
+        if data and self.stopping:
+            raise SnapfsError(errno.ESHUTDOWN, "the mount is stopping: no new device or image opens")
+        handle = await node.entry.open(self, flags, ctx)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = handle
+        if data:
+            self.data_files[fh] = OpenFile(self._path(node), ctx.pid, procs.comm(ctx.pid))
         return pyfuse3.FileInfo(fh=fh, direct_io=handle.direct_io, keep_cache=False)
 
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             handle.release()
+        if self.data_files.pop(fh, None) is not None:
+            self._data_closed.set()
+            self._data_closed = trio.Event()
+
+    async def data_file_closed(self) -> None:
+        """Returns at the next release of a device or image file."""
+        await self._data_closed.wait()
+
+    def _path(self, node: Node) -> str:
+        parts = []
+        while node is not None and node.inode != ROOT:
+            parts.append(node.name)
+            node = self._nodes.get(node.parent)
+        return "/".join(reversed(parts))
 
     async def flush(self, fh):
         pass

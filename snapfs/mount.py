@@ -2,8 +2,9 @@
 
 ``run`` is the whole life of a mount:
     check arguments -> open sources (restoring CBT) -> pyfuse3.init (mount) ->
-    trio.run(serve) -> on a clean end (umount, SIGINT, SIGTERM): fsync sources, save
-    CBT, unmount. On a crash the mount is *not* unmounted (a vanishing mountpoint
+    trio.run(serve) -> on a clean end (umount, or a stop: SIGINT, SIGTERM, the stop
+    command, which waits for open device and image files: stop.py): fsync sources,
+    save CBT, unmount. On a crash the mount is *not* unmounted (a vanishing mountpoint
     looks empty to a running rsync) and no CBT is saved, so the next mount starts new
     generations: CBT never claims to be complete when it might not be.
 """
@@ -12,7 +13,6 @@ import errno
 import logging
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -29,6 +29,7 @@ from .params import Params
 from .registry import Registry, check_name
 from .source import Source
 from .state import StateStore
+from .stop import Stopper
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def check_mountpoint(path: str) -> str:
     try:
         os.stat(path)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise SnapfsError(errno.ENOENT, f"mountpoint {path} does not exist (mkdir -p {path})") from None
         if exc.errno == errno.ENOTCONN:
             raise SnapfsError(errno.ENOTCONN, f"{path} is a dead FUSE mount (its daemon is gone): "
                               f"clear it with 'fusermount3 -u -z {path}', then mount again") from None
@@ -241,7 +244,7 @@ def run(config: MountConfig, ready=None) -> int:
             ready()
 
     try:
-        trio.run(serve, registry, announce, config.read_ahead_kb)
+        trio.run(serve, registry, ops, announce, config.read_ahead_kb)
     except BaseException:
         log.critical("snapfs crashed; leaving %s mounted (fusermount3 -u -z to clear)",
                      registry.mountpoint)
@@ -265,11 +268,13 @@ FUSE_TASKS = 48
 FUSE_MAX_TASKS = 1024
 
 
-async def serve(registry: Registry, ready, read_ahead_kb: int = 0) -> None:
+async def serve(registry: Registry, ops: Operations, ready, read_ahead_kb: int = 0) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
+        stopper = Stopper(registry, ops, nursery.cancel_scope, sd_notify)
+        await nursery.start(stopper.watch_signals)
+        nursery.start_soon(stopper.run)
         nursery.start_soon(_tune_connection, registry, read_ahead_kb)
-        nursery.start_soon(_stop_on_signals, registry, nursery.cancel_scope)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
         log.info("serving %s with %d devices", registry.mountpoint, len(registry.devices))
@@ -279,38 +284,6 @@ async def serve(registry: Registry, ready, read_ahead_kb: int = 0) -> None:
 
 async def _call_ready(ready) -> None:
     ready()
-
-
-STOP_GRACE = 3.0   # seconds the request loop gets to finish after the snapshots are gone
-REPLY_GRACE = 0.2  # for clients to read the replies of commands ended by the stop
-PREPARE_LIMIT = 60.0   # a take's freeze that long is stuck: stop anyway
-
-
-async def _stop_on_signals(registry: Registry, scope: trio.CancelScope) -> None:
-    """SIGINT/SIGTERM: ``registry.stop()`` while the loop serves (refuse commands,
-    destroy the snapshots, wait for takes in progress), then end the request loop. A
-    request still blocked STOP_GRACE later is cancelled (the kernel fails it once the
-    daemon closes /dev/fuse), so a stop ends and the CBT is saved. Later signals are
-    logged, never fatal."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            break
-        sd_notify("STOPPING=1")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_ignore_more, signals)
-            with trio.move_on_after(PREPARE_LIMIT):
-                await registry.stop()
-            await trio.sleep(REPLY_GRACE)
-            pyfuse3.terminate()
-            await trio.sleep(STOP_GRACE)
-            log.warning("requests still blocked %.0f s after the stop: cancelling them", STOP_GRACE)
-            scope.cancel()
-
-
-async def _ignore_more(signals) -> None:
-    async for signum in signals:
-        log.info("received %s again: already stopping", signal.Signals(signum).name)
 
 
 def sd_notify(state: str) -> bool:

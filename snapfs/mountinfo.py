@@ -18,13 +18,16 @@ _ESCAPE = re.compile(rb"\\([0-7]{3})")
 @dataclass(frozen=True)
 class Mount:
     """One line of mountinfo: the filesystem's device number, where it is mounted,
-    its type (``ext4``, ``fuse.snapfs``) and source (``/dev/loop0``)."""
+    its type (``ext4``, ``fuse.snapfs``) and source (``/dev/loop0``), and its
+    propagation tags (``shared:N``, ``master:N``: an unmount of a mount in peer group
+    N reaches every mount tagged with N)."""
 
     dev: int
     root: str
     mountpoint: str
     fstype: str
     source: str
+    tags: tuple[str, ...] = ()
 
 
 def unescape(field: bytes) -> str:
@@ -37,7 +40,8 @@ def parse_line(line: bytes) -> Mount:
     fields, tail = left.split(b" "), right.split(b" ")
     major, minor = fields[2].split(b":")
     return Mount(os.makedev(int(major), int(minor)), unescape(fields[3]), unescape(fields[4]),
-                 unescape(tail[0]), unescape(tail[1]) if len(tail) > 1 else "")
+                 unescape(tail[0]), unescape(tail[1]) if len(tail) > 1 else "",
+                 tuple(f.decode() for f in fields[6:]))
 
 
 def mounts(path: str = MOUNTINFO) -> list[Mount]:

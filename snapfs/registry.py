@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -41,6 +42,7 @@ from .workers import InFlight
 
 log = logging.getLogger(__name__)
 
+INTERRUPT_CHECK = 0.2   # seconds between looks whether a waiting sender was signalled
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -92,6 +94,7 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         self.takes = InFlight()         # takes in progress: a stop waits for their freeze
         self.stopping = False           # a stop began: commands are refused
+        self.on_stop: Callable[[bool, str], None] | None = None   # the lifecycle's (stop.py)
 
     def mounted(self, mount_dev: int | None) -> None:
         """The mount exists: its device number (storage and sources must not rest on it)."""
@@ -308,6 +311,13 @@ class Registry:
         await workers.run(storage.close)
         log.info("destroyed snapshot %s", snap_id)
 
+    def request_stop(self, force: bool) -> None:
+        """The ``stop`` command: ask the lifecycle for a stop (stop.py), forced or not.
+        ENOTSUP without one (a registry with no mount)."""
+        if self.on_stop is None:
+            raise SnapfsError(errno.ENOTSUP, "nothing here can stop this mount")
+        self.on_stop(force, "stop command" + (" (force)" if force else ""))
+
     async def stop(self) -> None:
         """A stop's first step, while the request loop still serves: refuse new
         commands, destroy every snapshot (blocked event readers get EOF, waiters
@@ -319,9 +329,11 @@ class Registry:
                 await self.destroy(snap_id)
         await self.takes.drained()
 
-    async def wait_event(self, snap_id: str, seconds: float) -> dict:
-        """Pop the next unconsumed event, waiting up to ``seconds``. ETIMEDOUT, or
-        ESRCH when the snapshot is destroyed meanwhile."""
+    async def wait_event(self, snap_id: str, seconds: float,
+                         interrupted: Callable[[], bool] = lambda: False) -> dict:
+        """Pop the next unconsumed event, waiting up to ``seconds``. ETIMEDOUT, ESRCH
+        when the snapshot is destroyed meanwhile, EINTR once ``interrupted()`` (asked
+        every INTERRUPT_CHECK seconds: the sender has a signal pending)."""
         snap = self.snapshot(snap_id)
         changed = trio.Event()
 
@@ -337,7 +349,10 @@ class Registry:
                         return event
                     if snap.destroyed:
                         raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed")
-                    await changed.wait()
+                    if interrupted():
+                        raise SnapfsError(errno.EINTR, "the sender has a signal pending")
+                    with trio.move_on_after(INTERRUPT_CHECK):
+                        await changed.wait()
                     changed = trio.Event()
         finally:
             snap.events.listeners.remove(wake)

@@ -251,3 +251,34 @@ def state_files(state_dir) -> list[Path]:
     """The saved CBT state files under a state directory."""
     d = Path(state_dir) / "cbt"
     return sorted(d.glob("*.cbt")) if d.exists() else []
+
+
+def sparse(path: Path, size: int) -> str:
+    """A sparse file of ``size`` bytes; its path."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+@contextlib.contextmanager
+def ext4_on_loop(backing: str, mnt: Path):
+    """ext4 on a loop device over ``backing``; always thawed, unmounted, detached."""
+    mnt.mkdir()
+    loop = run("losetup", "--find", "--show", backing)
+    try:
+        run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop)
+        run("mount", loop, str(mnt))
+        yield loop
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30)
+
+
+def unhang(m, *frozen: str):
+    """An on_timeout for ``bounded``: abort the mount's connection, thaw ``frozen``."""
+    def abort():
+        abort_fuse(m.path)
+        for mnt in frozen:
+            subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, timeout=30)
+    return abort

@@ -4,6 +4,7 @@ byte in a chunk is named by verify and stops a restore with a clear error while 
 points still restore; prune + gc keep what they must and free exactly what only the
 pruned points used; two writers on one repository are refused."""
 
+import contextlib
 import json
 import os
 import re
@@ -41,20 +42,40 @@ def index_digests(repo: str, point: str, name: str) -> set[bytes]:
     return {digests[i:i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE)}
 
 
+def start_create(m, repo: str, storage_dir: str, *extra: str) -> subprocess.Popen:
+    """``backup create`` of d0 with one worker, running in the background."""
+    return subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
+                             storage_dir, "--workers", "1", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def killed_at_end(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_chunks(proc: subprocess.Popen, repo: str, count: int) -> None:
+    """Until the running create has stored ``count`` chunks."""
+    deadline = time.monotonic() + 60
+    while len(chunk_files(repo)) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
+        time.sleep(0.002)
+
+
 def test_sigkill_of_create_leaves_no_point_and_the_next_create_works(mounter, tmp_path, storage_dir):
     source = tmp_path / "big.img"
     make_device(source, 64 * MiB, seed=21)
     m = mounter({"d0": str(source)})
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = start_create(m, repo, storage_dir)
     try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+        wait_for_chunks(proc, repo, 20)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -108,6 +129,7 @@ def test_flipped_byte_is_named_by_verify_and_stops_restore(mounter, tmp_path, st
     failed = backup("restore", repo, p2, "d0", str(tmp_path / "r2.img"))
     assert failed.returncode == 3
     assert f"point {p2}, device d0, offset {offsets[0]}" in failed.stderr, failed.stderr
+    assert "removed the incomplete" in failed.stderr and not (tmp_path / "r2.img").exists()
     assert restore_sha(repo, p1, "d0", tmp_path / "r1.img") == want1
 
 
@@ -186,24 +208,14 @@ def test_sigterm_of_create_destroys_the_snapshot_and_leaves_no_point(mounter, tm
     make_device(source, 64 * MiB, seed=25)
     m = mounter({"d0": str(source)})
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+    with killed_at_end(start_create(m, repo, storage_dir)) as proc:
+        wait_for_chunks(proc, repo, 20)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert m.ok("snapshot_collect")["ids"] == [], "the snapshot must be destroyed"
+    assert chunk_files(repo) == [] and "removed the" in err, err     # the run's chunks are gone
     assert ok("list", repo) == [] and not os.path.exists(os.path.join(repo, "lease.json"))
     assert ok("verify", repo)["ok"]
 
@@ -220,10 +232,12 @@ def test_full_repository_disk_fails_cleanly(mounter, tmp_path, storage_dir):
         done = backup("create", repo, "d0", "-m", m.path, "--storage", storage_dir, mount=m)
         assert done.returncode == 1, done.stderr
         assert "No space left on device" in done.stderr and "Traceback" not in done.stderr
+        assert f"in repository {repo}" in done.stderr and f"mounted at {small}" in done.stderr
         assert m.ok("snapshot_collect")["ids"] == []
         assert ok("list", repo) == []
+        assert chunk_files(repo) == [], "the failed run removed the chunks it stored"
         assert ok("verify", repo)["ok"]
-        assert ok("gc", repo)["chunks_removed"] > 0, "gc removes the chunks of the failed run"
+        assert ok("gc", repo)["chunks_removed"] == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
@@ -236,21 +250,10 @@ def test_snapfs_daemon_killed_during_create(mounter, tmp_path, storage_dir):
     state = tmp_path / "state"
     m1 = mounter({"d0": str(source)}, state_dir=state)
     repo = init(tmp_path / "repo")
-    proc = subprocess.Popen([*snapfs_cli(), "backup", "create", repo, "d0", "-m", m1.path, "--storage",
-                             storage_dir, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(chunk_files(repo)) < 20:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "create wrote no chunks within 60 s"
-            time.sleep(0.002)
+    with killed_at_end(start_create(m1, repo, storage_dir)) as proc:
+        wait_for_chunks(proc, repo, 20)
         m1.kill()
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err
     # ECONNABORTED: an O_DIRECT read in flight when the connection died
     assert "Traceback" not in err and re.search(r"snapfs: (ENOTCONN|ECONNABORTED): reading ", err), err
@@ -261,3 +264,26 @@ def test_snapfs_daemon_killed_during_create(mounter, tmp_path, storage_dir):
     point = create(m2, repo, "d0", storage=storage_dir)
     assert point["devices"]["d0"]["mode"] == "full"
     assert restore_sha(repo, point["point"], "d0", tmp_path / "r.img") == sha256_file(str(source))
+
+
+def test_an_overflowing_snapshot_storage_is_named(mounter, tmp_path, storage_dir):
+    """The workload overwrites the whole device while a create reads it, with a storage
+    limit of 8M: the storage overflows, the image becomes unusable, and the create
+    fails saying that the snapshot's difference storage ran out of room (not just
+    EIO), leaving no point and none of its chunks."""
+    source = tmp_path / "big.img"
+    make_device(source, 64 * MiB, seed=27)
+    m = mounter({"d0": str(source)})
+    repo = init(tmp_path / "repo")
+    with killed_at_end(start_create(m, repo, storage_dir, "--storage-limit", "8M")) as proc:
+        wait_for_chunks(proc, repo, 1)
+        fd = os.open(m.dev("d0"), os.O_WRONLY)
+        try:
+            for offset in range(0, 64 * MiB, MiB):             # the original never fails
+                assert os.pwrite(fd, os.urandom(MiB), offset) == MiB
+        finally:
+            os.close(fd)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "difference storage" in err and "ran out of room" in err and "--storage-limit" in err, err
+    assert ok("list", repo) == [] and chunk_files(repo) == []

@@ -6,7 +6,6 @@ Whatever could hang the mount runs under ``bounded``: on a timeout it aborts the
 connection and thaws, so a regression fails the test instead of hanging CI.
 """
 
-import contextlib
 import errno
 import json
 import os
@@ -18,7 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MiB, abort_fuse, bounded, is_mounted, make_device, requires_fuse, run, snapfs
+from helpers import (
+    MiB,
+    bounded,
+    ext4_on_loop,
+    is_mounted,
+    make_device,
+    requires_fuse,
+    run,
+    snapfs,
+    sparse,
+    unhang,
+)
 
 from snapfs import control
 from snapfs.errors import SnapfsError
@@ -28,35 +38,6 @@ from snapfs.source import Source
 
 pytestmark = requires_fuse
 
-
-
-def sparse(path: Path, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return str(path)
-
-
-@contextlib.contextmanager
-def ext4_on_loop(backing: str, mnt: Path):
-    """ext4 on a loop device over ``backing``; always thawed, unmounted, detached."""
-    mnt.mkdir()
-    loop = run("losetup", "--find", "--show", backing)
-    try:
-        run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop)
-        run("mount", loop, str(mnt))
-        yield loop
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True, timeout=30)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30)
-
-
-def unhang(m, *frozen: str):
-    def abort():
-        abort_fuse(m.path)
-        for mnt in frozen:
-            subprocess.run(["fsfreeze", "-u", mnt], capture_output=True, timeout=30)
-    return abort
 
 
 # ----- 1. nothing the data path could wait on itself through ---------------------------------
@@ -256,10 +237,11 @@ def test_sigterm_with_blocked_readers_stops_cleanly_and_saves_cbt(mounter, devic
     m.check_log()
 
 
-def test_sigterm_during_a_take_with_freeze_stops_and_thaws(mounter, tmp_path, storage_dir):
-    """The stop waits for a take in progress while the loop still serves its freeze
-    (which flushes through this mount); the take then fails, the filesystem is
-    thawed, the daemon exits 0."""
+def test_a_forced_stop_during_a_take_with_freeze_stops_and_thaws(mounter, tmp_path, storage_dir):
+    """A forced stop (two SIGTERMs: ext4 holds the device file open, so one would
+    wait for it: test_stop.py) waits for a take in progress while the loop still
+    serves its freeze (which flushes through this mount); the take then fails, the
+    filesystem is thawed, the daemon exits 0."""
     m = mounter({"fs": sparse(tmp_path / "fs.img", 256 * MiB)})
     fsmnt = tmp_path / "fsmnt"
     with ext4_on_loop(m.dev("fs"), fsmnt):
@@ -270,6 +252,8 @@ def test_sigterm_during_a_take_with_freeze_stops_and_thaws(mounter, tmp_path, st
         taker = threading.Thread(target=lambda: replies.append(m.ctl(f"snapshot_take {snap}")))
         taker.start()
         time.sleep(0.05)
+        m.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)                                    # trio folds signals not yet read
         m.proc.send_signal(signal.SIGTERM)
         rc = bounded(lambda: m.proc.wait(), 30, unhang(m, str(fsmnt)))
         taker.join(10)

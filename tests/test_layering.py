@@ -14,11 +14,11 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "mountinfo", "namespace", "ioprio", "aio", "workers", "fileio",   # leaves
+    "errors", "params", "mountinfo", "namespace", "procs", "ioprio", "aio", "workers", "fileio",  # leaves
     "stack", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
-    "fs", "daemon", "mount",                                        # the FUSE adapter, lifecycle
+    "fs", "stop", "daemon", "mount",                                # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
 BACKUP = ["repo", "chunks", "output", "pace", "create", "restore", "verify", "prune", "mountfs", "cli"]

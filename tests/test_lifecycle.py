@@ -150,29 +150,6 @@ def test_daemon_reports_mount_failure(tmp_path):
     assert not is_mounted(str(mnt))
 
 
-def test_umount_tells_when_the_mount_lives_on_in_another_namespace(tmp_path):
-    """A mount namespace made while the mount existed keeps a copy of it (as a
-    container's private bind does): unmounting here does not stop the daemon, and
-    ``snapfs umount`` says so instead of claiming success. When that namespace goes,
-    the daemon stops cleanly and saves the CBT."""
-    disk = tmp_path / "d.img"
-    make_device(disk, 4 << 20)
-    mnt, pid = daemon_mount(tmp_path, disk)
-    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "60"])
-    try:
-        time.sleep(0.5)
-        result = snapfs("umount", "--timeout", "2", mnt)
-        assert result.returncode == 1 and "another mount namespace" in result.stderr, result.stderr
-        assert f"held by pid {holder.pid} (sleep) at {mnt}" in result.stderr, result.stderr
-        assert not is_mounted(mnt)
-        os.kill(pid, 0)                                      # still serving the copy
-    finally:
-        holder.kill()
-        holder.wait()
-    wait_gone(pid, 30)
-    assert len(os.listdir(tmp_path / "st" / "cbt")) == 1      # saved at its clean stop
-
-
 def test_a_dead_mount_says_how_to_clear_it(tmp_path):
     disk = tmp_path / "d.img"
     make_device(disk, 4 << 20)

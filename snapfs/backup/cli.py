@@ -16,7 +16,7 @@ import time
 from ..errors import SnapfsError
 from ..params import parse_size
 from . import output
-from .output import Output, human, table
+from .output import DefaultsHelp, Output, human, table
 from .pace import PRIORITIES
 
 
@@ -42,6 +42,10 @@ def _exit_codes(func):
             where = f" ({exc.filename})" if exc.filename else ""
             raise SnapfsError(exc.errno or errno.EIO, f"{exc.strerror or exc}{where}") from None
     return wrapper
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def emit(args, data, text: str) -> None:
@@ -174,7 +178,7 @@ def cmd_prune(args) -> int:
     keep = {"last": args.keep_last, "daily": args.keep_daily, "weekly": args.keep_weekly,
             "monthly": args.keep_monthly}
     result = prune(Repo(args.repo), keep, Output(args.json), dry_run=args.dry_run)
-    text = f"kept {len(result['kept'])} points, removed {len(result['removed'])}"
+    text = f"kept {plural(len(result['kept']), 'point')}, removed {len(result['removed'])}"
     if "gc" in result:
         text += (f"; gc removed {result['gc']['chunks_removed']} chunks "
                  f"({human(result['gc']['bytes_freed'])})")
@@ -219,11 +223,12 @@ def cmd_mount(args) -> int:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     """``snapfs backup VERB ...`` under the main parser's subcommands."""
     b = sub.add_parser("backup", help="back up snapfs devices into a repository; list, restore, "
-                       "verify, prune, mount")
+                       "verify, prune, mount", formatter_class=DefaultsHelp)
     verbs = b.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        v = verbs.add_parser(name, parents=[common], help=help_text, description=help_text)
+        v = verbs.add_parser(name, parents=[common], help=help_text, description=help_text,
+                             formatter_class=DefaultsHelp)
         v.add_argument("repo", metavar="REPO")
         v.set_defaults(func=func)
         return v
@@ -237,7 +242,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     v.add_argument("names", nargs="+", metavar="NAME")
     v.add_argument("--storage", default="/var/tmp", help="directory (or file) for the snapshot's "
                    "difference storage, not inside the mount (default /var/tmp)")
-    v.add_argument("--storage-limit", type=_size, help="its limit (default: the devices' total size)")
+    v.add_argument("--storage-limit", type=_size, help="its limit (default: the devices' total size "
+                   "plus 64M, the most copy-before-write can need)")
     v.add_argument("--nofreeze", action="store_true", help="do not freeze stacked filesystems")
     v.add_argument("--full", action="store_true", help="read every chunk even if CBT could vouch")
     v.add_argument("--cbt-audit", type=int, nargs="?", const=16, default=0, metavar="N",
@@ -260,15 +266,17 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     v.add_argument("target", metavar="TARGET")
     v.add_argument("--delta", action="store_true", help="write only chunks that differ from TARGET")
     v.add_argument("--force", action="store_true", help="overwrite an existing file")
-    v.add_argument("--workers", type=int, default=4)
+    v.add_argument("--workers", type=int, default=4, help="reader/writer threads")
 
     v = verb("verify", cmd_verify, "re-hash every chunk of a point (or all points)")
     v.add_argument("point", metavar="POINT", nargs="?")
-    v.add_argument("--workers", type=int, default=4)
+    v.add_argument("--workers", type=int, default=4, help="hasher threads")
 
     v = verb("prune", cmd_prune, "delete points no --keep-* rule keeps, then gc")
-    for rule in ("last", "daily", "weekly", "monthly"):
-        v.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    for rule, what in (("last", "newest points"), ("daily", "days (the newest point of each)"),
+                       ("weekly", "ISO weeks (the newest point of each)"),
+                       ("monthly", "months (the newest point of each)")):
+        v.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep the N {what}")
     v.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
     verb("gc", cmd_gc, "remove chunks that no point references")

@@ -14,12 +14,18 @@ reason is printed and kept in the manifest.
 
 The snapshot is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL leaves
 it alive; ``lease.json`` names it, and the next writer on the repository destroys it.
+A failed run also removes the chunks it stored and its indexes (no point references
+them: the run holds the writer lock, and a chunk it stored was not in the
+repository); what it cannot remove is named, for ``backup gc``. A write error into
+the repository names the repository and the file system it is on.
 """
 
 import contextlib
 import errno
+import json
 import os
 import random
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -131,12 +137,14 @@ class DeviceReader:
     Each thread reads into its own page-aligned buffer of one chunk (repo.buffers). A chunk
     with CBT pieces that do not cover it is rebuilt: the parent point's chunk from the
     repository (checked as restore checks it), the changed pieces from the image over
-    it; an unreadable parent chunk means a whole read of the chunk instead."""
+    it; an unreadable parent chunk means a whole read of the chunk instead. ``stored``
+    collects the digests of the chunks this run wrote (a failed run removes them)."""
 
     def __init__(self, image: str, size: int, store: ChunkStore, workers: int,
-                 pace: RateLimit | None = None):
+                 pace: RateLimit | None = None, stored: list[bytes] | None = None):
         self.image, self.size, self.store, self.workers = image, size, store, workers
         self.pace = pace or RateLimit(0)
+        self.stored = stored if stored is not None else []
         self.chunk_size = store.repo.chunk_size
         self.fd = open_image(image)
         self.stats = dict(chunks_read=0, bytes_read=0, repo_bytes_read=0, chunks_rebuilt=0,
@@ -163,7 +171,8 @@ class DeviceReader:
             try:
                 got = os.preadv(self.fd, [view[done:]], offset + done)
             except OSError as exc:
-                raise SnapfsError.from_oserror(exc, f"reading {where}") from None
+                error = SnapfsError.from_oserror(exc, f"reading {where}")
+                raise SnapfsError(error.errno, error.message + storage_trouble(self.image)) from None
             if not got:
                 raise SnapfsError(errno.EIO, f"short read of {where}")
             done += got
@@ -200,7 +209,12 @@ class DeviceReader:
         if digest == zero_digest(chunk.length):
             chunk.digest = ZERO
         else:
-            chunk.digest, chunk.stored = digest, self.store.put(digest, view)
+            try:
+                chunk.digest, chunk.stored = digest, self.store.put(digest, view)
+            except OSError as exc:
+                raise repo_error(exc, self.store.repo, "storing a chunk") from None
+            if chunk.stored:
+                self.stored.append(digest)          # list.append: atomic across threads
         chunk.seconds |= {"hash": hashed - started, "store": time.perf_counter() - hashed}
         return chunk
 
@@ -257,14 +271,62 @@ class DeviceReader:
         return {"sampled": len(picked), "bytes_read": read, "mismatches": mismatches}
 
 
+def storage_trouble(image: str) -> str:
+    """Why an image read failed, when its snapshot's difference storage is the cause
+    (snapshots/ID/info: the storage overflowed its limit or its file system): "" or a
+    sentence naming the storage."""
+    try:
+        with open(os.path.join(os.path.dirname(image), "info"), "rb") as f:
+            info = json.loads(f.read())
+    except (OSError, ValueError):
+        return ""
+    if not info.get("overflow"):
+        return ""
+    return (f"; the snapshot's difference storage ({info.get('storage')}, limit {info.get('limit')} "
+            f"bytes, used {info.get('used')}) ran out of room while the devices were written: give "
+            "--storage-limit more, or --storage a file system with room")
+
+
+def repo_error(exc: OSError, repo: Repo, what: str) -> SnapfsError:
+    """An OSError writing into the repository, naming it and, when it is full, the file
+    system it is on and how to free space."""
+    code = exc.errno or errno.EIO
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        return SnapfsError.from_oserror(exc, f"{what} in repository {repo.path}")
+    mount = os.path.realpath(repo.path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    free = shutil.disk_usage(repo.path).free
+    return SnapfsError(code, f"{what} in repository {repo.path}: {os.strerror(code)} on the file "
+                       f"system mounted at {mount} ({free} bytes free); prune points or make room")
+
+
+def discard(repo: Repo, point: str, stored: list[bytes], out: Output) -> None:
+    """A failed run: remove the chunks it stored and its indexes (module docstring)."""
+    left = 0
+    for digest in stored:
+        try:
+            os.unlink(repo.chunk_path(digest))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left += 1
+    shutil.rmtree(repo.p("indexes", point), ignore_errors=True)
+    if stored:
+        out.warn(f"removed the {len(stored) - left} chunks this failed run stored"
+                 + (f"; {left} could not be removed: 'snapfs backup gc {repo.path}' frees them"
+                    if left else ""))
+
+
 def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: str, info: dict,
-                  cbt_map: bytes, opts: CreateOptions, out: Output) -> dict:
-    """Back up one device of a taken snapshot; its manifest entry (index written)."""
+                  cbt_map: bytes, opts: CreateOptions, out: Output, stored: list[bytes]) -> dict:
+    """Back up one device of a taken snapshot; its manifest entry (index written).
+    ``stored`` collects the digests of the chunks written."""
     size, chunk_size = info["device_capacity"], repo.chunk_size
     count = chunk_count(size, chunk_size)
     parent = repo.latest_with(name)
     reason, changed = plan(parent, name, info, cbt_map, chunk_size, opts.full)
-    reader = DeviceReader(image, size, store, opts.workers, RateLimit(opts.rate_limit))
+    reader = DeviceReader(image, size, store, opts.workers, RateLimit(opts.rate_limit), stored)
     audit = None
     try:
         if changed is not None:
@@ -291,7 +353,10 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
     if reader.stats["parents_unreadable"]:
         out.warn(f"{name}: {reader.stats['parents_unreadable']} chunks of point {parent['point']} did not "
                  "pass their checks; they were read whole from the device ('backup verify' names them)")
-    index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
+    try:
+        index_digest = repo.write_index(point, name, size, bytes(digests), digest_of)
+    except OSError as exc:
+        raise repo_error(exc, repo, f"writing the index of {name}") from None
     zero = sum(1 for i in range(count) if digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == ZERO)
     return {"size": size, "index": repo.index_rel(point, name), "index_digest": index_digest,
             "chunks": count, "zero_chunks": zero,
@@ -365,16 +430,23 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
             + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
     point = repo.new_point_id(started)
-    store = ChunkStore(repo, deferred=True)
+    store, stored = ChunkStore(repo, deferred=True), []
     devices = {}
     try:
         for name in names:
             info, cbt_map = read_cbt(mount, name)
             image = os.path.join(mount, "snapshots", snap, name)
-            devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out)
-        store.sync()
-    finally:
-        store.close()
+            devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out,
+                                          stored)
+        try:
+            store.sync()                  # the committer's first error, if any
+        except OSError as exc:
+            raise repo_error(exc, repo, "storing chunks") from None
+    except BaseException:
+        store.close()                     # no commit runs while the run's chunks are removed
+        discard(repo, point, stored, out)
+        raise
+    store.close()
     totals = {k: sum(d[k] for d in devices.values())
               for k in ("bytes_read", "repo_bytes_read", "bytes_new", "plain_new", "chunks_new")}
     manifest = {
@@ -385,5 +457,9 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
         "frozen": frozen, "not_frozen": not_frozen, "chunk_size": repo.chunk_size,
         "devices": devices, "stats": {**totals, "duration": round(time.time() - started, 3)},
     }
-    repo.write_manifest(manifest)
+    try:
+        repo.write_manifest(manifest)
+    except OSError as exc:
+        discard(repo, point, stored, out)
+        raise repo_error(exc, repo, "writing the manifest") from None
     return manifest

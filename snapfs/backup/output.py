@@ -11,10 +11,24 @@ Exit codes (every verb):
        not reported (that device was read in full)
 """
 
+import argparse
 import sys
 import time
 
 OK, FAILED, USAGE, DAMAGED, AUDIT_MISMATCH = 0, 1, 2, 3, 4
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """``--help`` that states every option's default, unless its text already does or
+    it has none (a flag, no value): every option needs a help text to be listed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS
+                or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def human(n: float) -> str:

@@ -11,9 +11,12 @@ where offset and length allow (``Restorer``), so a restore does not fill the pag
 
 Every chunk read is checked (CRC of the stored bytes, decompression, length, digest);
 a damaged one stops the restore with ``Damaged`` naming point, device and offset. The
-target is then incomplete, and the message says so.
+target is then incomplete, and the message says so; a target file this restore
+created is removed on any failure (one that existed is left, incomplete). A write
+error names the target.
 """
 
+import contextlib
 import errno
 import os
 import stat
@@ -34,8 +37,8 @@ def write_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool]:
-    """(fd, is_block_device) ready for ``size`` bytes."""
+def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, bool, bool]:
+    """(fd, is_block_device, created: the file did not exist) ready for ``size`` bytes."""
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -45,7 +48,7 @@ def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, 
         if os.lseek(fd, 0, os.SEEK_END) < size:
             os.close(fd)
             raise SnapfsError(errno.ENOSPC, f"{target} is smaller than the device ({size} bytes)")
-        return fd, True
+        return fd, True, False
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise SnapfsError(errno.EINVAL, f"{target} is neither a regular file nor a block device")
     if st is not None and st.st_size and not (delta or force):
@@ -53,8 +56,14 @@ def open_target(target: str, size: int, delta: bool, force: bool) -> tuple[int, 
                           "--force overwrites it")
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if delta else os.O_TRUNC)
     fd = os.open(target, flags, 0o600)
-    os.ftruncate(fd, size)
-    return fd, False
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        if st is None:
+            os.unlink(target)
+        raise SnapfsError.from_oserror(exc, f"making {target} {size} bytes long") from None
+    return fd, False, st is None
 
 
 def reopen_direct(fd: int) -> int | None:
@@ -88,8 +97,8 @@ class Restorer:
     kernel refuses O_DIRECT, through the ordinary one. The final fsync covers both."""
 
     def __init__(self, store: ChunkStore, fd: int, size: int, fresh_file: bool, delta: bool,
-                 where: str):
-        self.store, self.fd, self.size = store, fd, size
+                 where: str, target: str = "the target"):
+        self.store, self.fd, self.size, self.target = store, fd, size, target
         self.fresh_file, self.delta, self.where = fresh_file, delta, where
         self.chunk_size = store.repo.chunk_size
         self.written = self.skipped = 0
@@ -100,13 +109,17 @@ class Restorer:
             os.close(self.direct)
 
     def write(self, view: memoryview, offset: int) -> None:
-        if self.direct is not None and not (offset | len(view)) % ALIGN:
-            try:
-                return write_all(self.direct, view, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-        write_all(self.fd, view, offset)
+        """O_DIRECT where aligned (EINVAL: the ordinary descriptor); an error names the target."""
+        try:
+            if self.direct is not None and not (offset | len(view)) % ALIGN:
+                try:
+                    return write_all(self.direct, view, offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+            write_all(self.fd, view, offset)
+        except OSError as exc:
+            raise SnapfsError.from_oserror(exc, f"writing {self.target} at offset {offset}") from None
 
     def one(self, index: int, digest: bytes) -> tuple[int, int]:
         """(bytes written, bytes left as they were) for chunk ``index``."""
@@ -166,10 +179,10 @@ def restore(repo: Repo, spec: str, name: str, target: str, out: Output, delta: b
         size = manifest["devices"][name]["size"]
         digests = repo.read_index(manifest, name, digest_of)
         assert len(digests) == chunk_count(size, repo.chunk_size) * DIGEST_SIZE
-        fd, is_bdev = open_target(target, size, delta, force)
+        fd, is_bdev, created = open_target(target, size, delta, force)
         try:
             job = Restorer(ChunkStore(repo), fd, size, not is_bdev and not delta, delta,
-                           f"point {manifest['point']}, device {name}")
+                           f"point {manifest['point']}, device {name}", target)
             progress = out.progress(size, f"restore {name}")
             try:
                 job.run(digests, workers, progress)
@@ -177,6 +190,12 @@ def restore(repo: Repo, spec: str, name: str, target: str, out: Output, delta: b
                 progress.close()
                 job.close()
             os.fsync(fd)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                out.warn(f"removed the incomplete {target} (this restore created it)")
+            raise
         finally:
             os.close(fd)
     return {"point": manifest["point"], "device": name, "target": target, "size": size,
