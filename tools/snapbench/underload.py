@@ -171,7 +171,9 @@ def measured_copy(r: Round, name: str, cmd: list[str]) -> None:
         done = subprocess.run(cmd, check=True, timeout=1800, capture_output=True, text=True)
         seconds = time.monotonic() - t0
     if seconds < 0.5:
-        raise BenchError(f"{' '.join(cmd)} took {seconds:.2f} s: nothing copied? {done.stderr[-300:]}")
+        sizes = subprocess.run(["lsblk", "-bno", "NAME,SIZE,TYPE"], capture_output=True, text=True).stdout
+        raise BenchError(f"{' '.join(cmd)} took {seconds:.2f} s: nothing copied? {done.stderr[-300:]} "
+                         f"devices: {' '.join(sizes.split())[-400:]}")
     tps = r.bench.seconds(start, start + seconds)
     r.res.add(r.key(f"{name}_time"), "snapfs", seconds)
     r.res.add(r.key(f"{name}_med"), "snapfs", statistics.median(tps))
