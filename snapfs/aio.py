@@ -4,10 +4,9 @@ through an eventfd that one reaper task per trio run watches.
 
 Why not worker threads for them: with 16 readers of an uncached device the trio thread
 and the worker threads take turns on the GIL, and every hand-off costs the one request
-loop tens of microseconds (docs/performance.md). Here the kernel does the waiting: a
-read costs the trio thread one ``io_submit`` and its share of one ``io_getevents``
-(about 10 us in all; 16 random 4 KiB reads in flight on an uncached loop device: 41k
-reads/s from one Python thread, against 15k through the thread pool).
+loop tens of microseconds. Here the kernel does the waiting: a read costs the trio
+thread one ``io_submit`` and its share of one ``io_getevents`` (figures:
+docs/performance.md, "Misses through Linux AIO").
 
 Contract of ``pread``: returns the bytes, or None when this path cannot serve the read
 (not aligned to ``ALIGN``, too many in flight, the kernel answered EAGAIN because the

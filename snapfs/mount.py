@@ -177,9 +177,9 @@ FUSECTL = "/sys/fs/fuse/connections"
 
 def mount_fusectl() -> None:
     """Mount the FUSE control file system where nothing did (systemd mounts it at boot;
-    a minimal VM or a container may not): without it ``set_background`` cannot work,
-    and 12 requests in flight cut a buffered sequential read of an uncached device
-    to 200-300 MB/s here (1 GB/s with 64). Root only; a failure is logged, not fatal."""
+    a minimal VM or a container may not): without it ``set_background`` cannot work
+    and the kernel's 12 requests in flight stay (docs/performance.md has what that
+    costs). Root only; a failure is logged, not fatal."""
     if not os.path.isdir(FUSECTL) or os.listdir(FUSECTL):
         return
     done = subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True,
@@ -206,8 +206,8 @@ def set_background(dev: int) -> None:
 def set_read_ahead(dev: int, kib: int) -> None:
     """The kernel's read-ahead on this mount's files (its bdi; 128 KiB by default).
     Buffered sequential reads of a device or an image (``cp``, ``dd``) then arrive as
-    requests of up to 1 MiB, several in flight: 1 GiB dd of an uncached device file
-    measured 417 MB/s at 128 KiB, 861 at 1 MiB, 1300 at 4 MiB (raw device: 1100)."""
+    requests of up to 1 MiB, several in flight (figures: docs/performance.md,
+    "Request size")."""
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
         with open(path, "w") as f:

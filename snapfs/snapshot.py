@@ -14,14 +14,8 @@ Take (docs/design.md section 5), in ``take``:
 Writes wait only during 2-4. A failure before 4 changes nothing; 4 builds everything
 that can fail (the areas) before it commits anything.
 
-Why take does not fsync the sources (the founding contract did; docs/design.md section 5):
-the images read the same page cache as the sources, so the point in time does not
-depend on durability, and a filesystem frozen in step 1 has already flushed through
-its loop device (the loop flush reaches ``Operations.fsync``). The fsync was measured
-in both places: inside the window it held writes 11-51 ms under four writers; right
-after the window the kernel's write-back stalled those writers 28-45 ms (p99 of 20
-takes) and the take command took 90 ms instead of 2 ms. A caller that wants the
-source durable at take time fsyncs the device file first (``sync MNT/devices/NAME``).
+Take does not fsync the sources: docs/design.md section 5 says why (a decision, with
+its measurements).
 """
 
 import errno
