@@ -129,6 +129,8 @@ class _Ring:
         read = _Read(trio.lowlevel.current_task(), count)
         for k, slot in enumerate(slots):
             cb = slot.iocb
+            cb.aio_lio_opcode = _k.IO_CMD_PREAD       # a slot may have carried an fdatasync
+            cb.aio_rw_flags = os.RWF_NOWAIT
             cb.aio_fildes = fd
             cb.u.c.buf = base + k * PIECE
             cb.u.c.nbytes = min(PIECE, size - k * PIECE)
@@ -149,6 +151,33 @@ class _Ring:
             self._unclaim(slots[done:])
             read.left, read.status = done, -errno.EAGAIN
         return read if done else None
+
+    def submit_datasync(self, fd: int) -> _Read | None:
+        """Submit an fdatasync of ``fd`` (the kernel runs it in its own worker); None
+        if it could not be submitted here."""
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        cb = slot.iocb
+        cb.aio_lio_opcode = _k.IO_CMD_FDSYNC
+        cb.aio_rw_flags = 0                  # the kernel refuses flags, buffer and range here
+        cb.aio_fildes = fd
+        cb.u.c.buf = None
+        cb.u.c.nbytes = cb.u.c.offset = 0
+        cb.u.c.flags = _IOCB_FLAG_RESFD
+        cb.aio_reqprio = 0
+        slot.read = read = _Read(trio.lowlevel.current_task(), 1)
+        try:
+            done = _k.io_submit(self.ctx, 1, self.singles[slot.index])
+        except OSError as exc:
+            self._unclaim([slot])
+            if exc.errno not in _NOT_HERE:
+                raise
+            return None
+        if not done:
+            self._unclaim([slot])
+            return None
+        return read
 
     def _unclaim(self, slots: list[_Slot]) -> None:
         for slot in slots:
@@ -219,6 +248,26 @@ def _this_run() -> _Ring | None:
         if ring is not None:
             trio.lowlevel.spawn_system_task(ring.reap, name="snapfs-aio-reaper")
         return ring
+
+
+@trio.lowlevel.enable_ki_protection
+async def fdatasync(fd: int) -> bool:
+    """``os.fdatasync(fd)`` without a thread: True once done (OSError if it failed),
+    False where this path cannot do it (no AIO context, the kernel refused the
+    submission); the caller then syncs in a thread. Cannot be cancelled once
+    submitted."""
+    ring = _this_run()
+    if ring is None:
+        return False
+    done = ring.submit_datasync(fd)
+    if done is None:
+        return False
+    status = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+    if status == 0:
+        return True
+    if -status in _NOT_HERE:
+        return False
+    raise OSError(-status, os.strerror(-status))
 
 
 def open_direct(fd: int) -> int | None:

@@ -149,8 +149,9 @@ class FileIO:
         self.written += 1
 
     async def sync(self, fn: Callable[[], None]) -> None:
-        """Make every write that returned before this call durable with ``fn`` (the
-        blocking fdatasync or fsync), sharing flushes: a flush in flight that began
+        """Make every write that returned before this call durable (``_flush_once``:
+        an AIO fdatasync, or ``fn``, the blocking fdatasync, in a thread), sharing
+        flushes: a flush in flight that began
         after those writes covers them, so concurrent callers (a database's committing
         clients) wait for it instead of each starting one; otherwise one starts. A
         flush's error reaches the caller that started it; the others try their own."""
@@ -161,11 +162,20 @@ class FileIO:
                 continue
             start, self._flush = self.written, trio.Event()
             try:
-                await self.run(fn)
+                await self._flush_once(fn)
                 self.durable = max(self.durable, start)
             finally:
                 self._flush.set()
                 self._flush = None
+
+    async def _flush_once(self, fn: Callable[[], None]) -> None:
+        """One flush: an fdatasync through AIO where the file has AIO (a source; the
+        kernel's worker waits, no thread of ours), else ``fn`` in a worker thread."""
+        if self.inline and self.direct_fd is not None:
+            with workers.priority.waiting():
+                if await aio.fdatasync(self.fd):
+                    return
+        await self.run(fn)
 
     async def run(self, fn: Callable, *args):
         """Another blocking call on this file (punch, fdatasync) in a worker thread;

@@ -40,6 +40,7 @@ from .tracker import Tracker
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+BLKSIZE = 1 << 20     # st_blksize: cp and other tools read this much at a time
 
 
 def _fuse_errors(handler):
@@ -109,6 +110,16 @@ class BlockHandle(Handle):
     def release(self):
         if self.on_release is not None:
             self.on_release()
+
+
+class ImageHandle(BlockHandle):
+    """A snapshot image: direct I/O (``direct_io``), no page cache and no kernel
+    read-ahead, so a backup's copy does not fill the page cache with the image nor
+    queue read-ahead ahead of the devices' own requests (measured: docs/performance.md);
+    each read is one request of the reader's size (``st_blksize`` tells ``cp`` to use
+    1 MiB) and takes its turn (docs/concurrency.md rule 4)."""
+
+    direct_io = True
 
 
 class ContentHandle(Handle):
@@ -324,7 +335,7 @@ class ImageFile(Entry):
 
     async def open(self, ops, flags, ctx):
         image = self.snap.image(self.name, ioprio.of(ctx.pid))
-        return BlockHandle(image, lambda: ops.registry.sync_image(image.area))
+        return ImageHandle(image, lambda: ops.registry.sync_image(image.area))
 
 
 class ReadOnlyFile(Entry):
@@ -503,7 +514,7 @@ class Operations(pyfuse3.Operations):
             a.st_gid, a.st_mode = self.image_group, (a.st_mode & ~stat.S_IWGRP) | stat.S_IRGRP
         a.st_nlink = 2 if stat.S_ISDIR(spec.mode) else 1
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.ctime_ns
-        a.st_blksize = 128 * 1024
+        a.st_blksize = BLKSIZE
         a.st_blocks = -(-spec.size // 512)
         a.entry_timeout = a.attr_timeout = 1 if spec.cache else 0
         return a

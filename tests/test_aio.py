@@ -213,3 +213,22 @@ def test_a_priority_the_daemon_may_not_give_sends_the_read_to_a_thread(datafile)
                            sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def test_fdatasync_through_aio_and_after_it_reads(datafile):
+    """An fdatasync submitted through AIO completes (True) on a file that has data to
+    write back, and the slot it used serves reads again afterwards."""
+    path, content = datafile
+    source = Source.open(str(path))
+
+    async def main():
+        os.pwrite(source.fd, b"x" * 4096, 0)           # a dirty page to write back
+        assert await aio.fdatasync(source.fd) is True
+        again = [await aio.pread(source.io.direct_fd, k * 4096, 4096) for k in range(1, 300)]
+        return again
+
+    try:
+        again = trio.run(main)
+    finally:
+        source.close()
+    assert again == [content[k * 4096:(k + 1) * 4096] for k in range(1, 300)]
