@@ -196,7 +196,7 @@ class EventsHandle(Handle):
             return False
         self._next_scan = now + HOLDERS_CHECK
         suffix = f"/snapshots/{self.snap.id}/events"
-        return await trio.to_thread.run_sync(procs.holder_signalled, suffix)
+        return await workers.run(procs.holder_signalled, suffix)
 
     def poll(self, poll_handle):
         events = self.snap.events

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import procs
+from . import procs, workers
 from .fs import Operations
 from .registry import Registry
 
@@ -102,7 +102,7 @@ class Stopper:
         files = sorted({str(f) for f in self.ops.data_files.values()})
         mount = self.registry.mountpoint
         paths = tuple(sorted({os.path.join(mount, f.path) for f in self.ops.data_files.values()}))
-        held = await trio.to_thread.run_sync(procs.holders, paths)
+        held = await workers.run(procs.holders, paths)
         log.warning("stop requested while %d device and image files are open: serving them until "
                     "they are closed: %s; held now by: %s. A second SIGINT/SIGTERM within %.0f s, "
                     "or 'snapfs umount --force', stops at once: their users get I/O errors",
