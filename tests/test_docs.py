@@ -73,7 +73,11 @@ SCRATCH_SETUP = """
 set -e
 exec 9< "$1"
 findmnt -n -l -t fuse.snapfs,fuse.snapfs-backup -o TARGET | while read -r m; do umount -l "$m"; done || true
+cd {root}
 for d in {dirs}; do mkdir -p "$d" && mount -t tmpfs -o mode=0755 scratch "$d"; done
+# a checkout under a scratch directory (a clone in /tmp) is now hidden: the working
+# directory still is the checkout, so bind it back at its path
+mkdir -p {root} && mount --no-canonicalize --bind . {root}
 chmod 1777 /tmp /var/tmp
 cd {root}
 exec bash /dev/fd/9
