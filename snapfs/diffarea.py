@@ -184,12 +184,11 @@ class DiffArea:
             if self.copied[i]:
                 k = self._stored_run_end(i, (end - 1) // cs)
                 stop = min(k * cs, end)
-                data = await self.storage.io.read(self.slots[i] + pos - i * cs, stop - pos,
-                                                  bulk=True, prio=prio)
+                data = await self.storage.io.read(self.slots[i] + pos - i * cs, stop - pos, prio)
             else:
                 j = self.copied.find(1, i + 1, (end - 1) // cs + 1)
                 stop = end if j < 0 else min(j * cs, end)
-                data = await self.source.io.read(pos, stop - pos, bulk=True, prio=prio)
+                data = await self.source.io.read(pos, stop - pos, prio)
                 k = (stop - 1) // cs + 1
                 pending = self._copy_in_flight(i, k)
                 if pending is not None:           # a copy (and maybe its write) in flight

@@ -93,30 +93,22 @@ class FileIO:
 
     # ----- reads --------------------------------------------------------------------
 
-    async def read(self, offset: int, size: int, bulk: bool = False, prio: int = 0) -> bytes:
-        """``size`` bytes at ``offset`` (OSError on failure or a short read). ``bulk``:
-        a snapshot-image read (the caller holds ``workers.bulk``); ``prio``: the I/O
-        priority of the disk read it may cause (``ioprio``; 0: the daemon's)."""
+    async def read(self, offset: int, size: int, prio: int = 0) -> bytes:
+        """``size`` bytes at ``offset`` (OSError on failure or a short read); ``prio``:
+        the I/O priority of the disk read it may cause (``ioprio``; 0: the daemon's)."""
         if self.inline and self.hits.worth_trying():
             data = workers.pread_nowait(self.fd, size, offset)
             self.hits.record(data is not None)
             if data is not None:
                 return data
-        return await self._read_miss(offset, size, prio)
-
-    async def _read_miss(self, offset: int, size: int, prio: int) -> bytes:
-        with workers.priority.waiting():
-            if self.direct_fd is not None and self.inline:
+        if self.direct_fd is not None and self.inline:
+            with workers.priority.waiting():
                 data = await aio.pread(self.direct_fd, offset, size, prio)
-                if data is not None:
-                    return data
-            self.thread_calls += 1
-            try:
-                if prio:
-                    return await workers.run(self._pread_at, prio, offset, size)
-                return await workers.run(self.pread, offset, size)
-            finally:
-                self.thread_calls -= 1
+            if data is not None:
+                return data
+        if prio:
+            return await self.run(self._pread_at, prio, offset, size)
+        return await self.run(self.pread, offset, size)
 
     def _pread_at(self, prio: int, offset: int, size: int) -> bytes:
         """Worker thread: ``pread`` with the thread's I/O priority set to ``prio`` (and
@@ -140,12 +132,7 @@ class FileIO:
             if t1 - t0 > STALL and _sleeps() != slept:
                 self.stalled_until = t1 + BACKOFF
         else:
-            self.thread_calls += 1
-            try:
-                with workers.priority.waiting():
-                    await workers.run(self.pwrite, offset, data)
-            finally:
-                self.thread_calls -= 1
+            await self.run(self.pwrite, offset, data)
         self.written += 1
 
     async def sync(self, fn: Callable[[], None]) -> None:
@@ -178,9 +165,9 @@ class FileIO:
         await self.run(fn)
 
     async def run(self, fn: Callable, *args):
-        """Another blocking call on this file (punch, fdatasync) in a worker thread;
-        counted like a thread write, so inline writes do not queue on the file's lock
-        behind it."""
+        """A blocking call on this file (a read or write that cannot run inline, punch,
+        fdatasync, fallocate) in a worker thread, counted in ``thread_calls`` so inline
+        writes do not queue on the file's lock behind it."""
         self.thread_calls += 1
         try:
             with workers.priority.waiting():
