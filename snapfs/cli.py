@@ -29,11 +29,9 @@ from .client import (
     snapfs_mounts,
     source_released,
 )
-from .control import COMMANDS, MAX_TIMEOUT_MS, parse_range
+from .commands import COMMANDS, Command, format_line, parse_timeout
 from .errors import SnapfsError
-from .params import SECTOR, Params, parse_number, parse_size
-from .registry import check_name
-from .state import default_state_dir
+from .params import SECTOR, Params, default_state_dir, parse_size
 
 # ----- output ----------------------------------------------------------------------
 
@@ -170,7 +168,7 @@ WAIT_SLICE_MS = 200
 def cmd_waitevent(args) -> int:
     """snapshot_waitevent in short slices: the kernel runs one write to ``control`` at a
     time, so one long wait would hold up every other command on the mount."""
-    deadline = parse_number(args.timeout_ms, "timeout (milliseconds)", MAX_TIMEOUT_MS)
+    deadline = parse_timeout(args.timeout_ms)
     mount, snap_id = find_mount(args.mount), args.id
     end = time.monotonic() + deadline / 1000
     while True:
@@ -208,19 +206,26 @@ def cmd_markdirty_file(args) -> int:
 
 def cmd_control(args) -> int:
     """Any control command: the checked arguments are sent as one line."""
-    if args.command == "markdirtyblock" and (args.file is None) == (args.name is None or not args.ranges):
-        raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME SECTOR:COUNT...")
-    if getattr(args, "file", None):
-        return cmd_markdirty_file(args)
-    words = [args.command]
-    for dest in args.dests:
-        value = getattr(args, dest)
-        words += value if isinstance(value, list) else [] if value is None else [value]
-    if getattr(args, "nofreeze", False) or getattr(args, "option", None) == "nofreeze":
-        words.append("nofreeze")
-    reply = command(find_mount(args.mount), " ".join(quote(w) for w in words))
+    spec = COMMANDS[args.command]
+    words = []
+    for arg in spec.args:
+        value = getattr(args, arg.dest)
+        if arg.option:
+            words += [arg.option] if value else []
+        elif arg.many:
+            words += value or []
+        elif value is not None:
+            words.append(value)
+    reply = command(find_mount(args.mount), format_line(spec.name, *words))
     print_reply(reply, args.json)
     return 0
+
+
+def cmd_markdirtyblock(args) -> int:
+    """markdirtyblock NAME SECTOR:COUNT... or --file PATH."""
+    if (args.file is None) == (args.name is None or not args.ranges):
+        raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME SECTOR:COUNT...")
+    return cmd_markdirty_file(args) if args.file else cmd_control(args)
 
 
 def cmd_watch(args) -> int:
@@ -310,33 +315,53 @@ def _checked(check):
     return convert
 
 
-# what each word of a usage line (control.COMMANDS) accepts
-ARG_TYPES = {
-    "NAME": _checked(check_name), "PATH": os.path.abspath, "STORAGE": os.path.abspath,
-    "LIMIT": _checked(parse_size), "ID": str, "SECTOR:COUNT": _checked(lambda t: parse_range(t, 1 << 63)),
-    "TIMEOUT_MS": _checked(lambda t: parse_number(t, "timeout (milliseconds)", MAX_TIMEOUT_MS)),
-}
+class OptionWord(argparse.Action):
+    """An option word given as a positional (``ID nofreeze``): True when it is there,
+    and it keeps a True set by its flag (``--nofreeze``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, bool(getattr(namespace, self.dest, False) or values))
 
 
-def add_usage_arguments(parser: argparse.ArgumentParser, verb: str, usage: str) -> list[str]:
-    """Positional arguments from a usage line (``NAME PATH``, ``ID [nofreeze]``,
-    ``STORAGE LIMIT [NAME...]``); returns their dests in order."""
-    dests = []
-    for token in usage.split():
-        optional, many = token.startswith("["), token.rstrip("]").endswith("...")
-        word = token.strip("[]").rstrip(".")
-        if word == "nofreeze":           # as the command line has it, or as an option
-            parser.add_argument("option", nargs="?", choices=["nofreeze"], metavar="nofreeze",
-                                help="do not freeze filesystems stacked on the devices")
-            parser.add_argument("--nofreeze", action="store_true", help="the same")
+def add_command_arguments(parser: argparse.ArgumentParser, spec: Command, optional: bool = False) -> None:
+    """The arguments of a control command (commands.COMMANDS) as argparse sees them:
+    an option word is accepted as the line has it (``ID nofreeze``) or as a flag
+    (``--nofreeze``); paths are made absolute here. ``optional``: every typed argument
+    may be left out (the command has another form)."""
+    for arg in spec.args:
+        if arg.option:
+            parser.add_argument(arg.dest, nargs="?", choices=[arg.option], metavar=arg.option,
+                                action=OptionWord, help=arg.help)
+            parser.add_argument("--" + arg.option, dest=arg.dest, action="store_true", help="the same")
             continue
-        if verb == "markdirtyblock":      # or --file instead
-            optional = True
-        nargs = ("*" if optional else "+") if many else ("?" if optional else None)
-        dest = {"SECTOR:COUNT": "ranges", "NAME": "names" if many else "name"}.get(word, word.lower())
-        parser.add_argument(dest, metavar=word, nargs=nargs, type=ARG_TYPES.get(word, str))
-        dests.append(dest)
-    return dests
+        loose = optional or arg.optional
+        nargs = ("*" if loose else "+") if arg.many else ("?" if loose else None)
+        kind = os.path.abspath if arg.kind.path else _checked(arg.kind.check)
+        parser.add_argument(arg.dest, metavar=arg.kind.metavar, nargs=nargs, type=kind, help=arg.help or None)
+
+
+def add_control_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """One subcommand per control command but ``status`` (its own, a table)."""
+    for name, spec in COMMANDS.items():
+        if name == "status":
+            continue
+        local = LOCAL.get(name)
+        c = sub.add_parser(name, parents=[common], help=f"{spec.usage}: {spec.help}" if spec.usage
+                           else spec.help, description=spec.help, formatter_class=DefaultsHelp)
+        add_command_arguments(c, spec, optional=bool(local and local[1]))
+        if local and local[1]:
+            c.add_argument(*local[1][0], **local[1][1])
+        c.set_defaults(func=local[0] if local else cmd_control, command=name)
+
+
+# control commands the CLI runs its own way: handler, and an extra option (whose
+# presence makes the command's own arguments optional)
+LOCAL = {
+    "snapshot_waitevent": (cmd_waitevent, None),
+    "markdirtyblock": (cmd_markdirtyblock, (("--file",), {
+        "help": "mark the blocks of this file (in a filesystem stacked on a snapfs device through "
+                "a loop device)"})),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,17 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .backup.cli import add_parser as add_backup_parser
     add_backup_parser(sub, common)
 
-    for name, verb in COMMANDS.items():
-        if name == "status":
-            continue                      # the table above
-        c = sub.add_parser(name, parents=[common], help=f"{verb.usage}: {verb.help}" if verb.usage
-                           else verb.help, description=verb.help, formatter_class=DefaultsHelp)
-        dests = add_usage_arguments(c, name, verb.usage)
-        if name == "markdirtyblock":
-            c.add_argument("--file", help="mark the blocks of this file (in a filesystem stacked "
-                           "on a snapfs device through a loop device)")
-        c.set_defaults(func=cmd_waitevent if name == "snapshot_waitevent" else cmd_control,
-                       command=name, dests=dests)
+    add_control_parsers(sub, common)
     return p
 
 

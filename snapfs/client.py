@@ -13,10 +13,8 @@ import os
 import shlex
 
 from . import mountinfo
+from .commands import FSTYPE, MAX_LINE
 from .errors import SnapfsError
-
-FSTYPE = "fuse.snapfs"
-MAX_LINE = 8192          # the daemon's limit for one command line (control.MAX_LINE)
 
 
 def snapfs_mounts() -> list[str]:

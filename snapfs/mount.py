@@ -22,11 +22,12 @@ import pyfuse3
 import trio
 
 from . import mountinfo, workers
+from .commands import check_name
 from .daemon import detach
 from .errors import SnapfsError
 from .fs import Operations
 from .params import Params
-from .registry import Registry, check_name
+from .registry import Registry
 from .source import Source
 from .state import StateStore
 from .stop import Stopper

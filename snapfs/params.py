@@ -2,6 +2,7 @@
 computation of chunk and tracking-block sizes from a device's capacity."""
 
 import errno
+import os
 import re
 from dataclasses import dataclass
 
@@ -93,3 +94,11 @@ def tracking_block_size(capacity: int, params: Params) -> int:
     while -(-capacity // size) > params.tracking_block_maximum_count and size < TRACKING_BLOCK_MAXIMUM:
         size *= 2
     return size
+
+
+def default_state_dir() -> str:
+    """Where a mount keeps its CBT unless told (``--state-dir``)."""
+    if os.geteuid() == 0:
+        return "/var/lib/snapfs"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "snapfs")

@@ -20,7 +20,6 @@ runs after the last await of a method, and re-check what an await may have chang
 import errno
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,6 +27,7 @@ import trio
 
 from . import __version__, workers
 from .cbt import CBT
+from .commands import check_name
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
@@ -43,14 +43,6 @@ from .workers import InFlight
 log = logging.getLogger(__name__)
 
 INTERRUPT_CHECK = 0.2   # seconds between looks whether a waiting sender was signalled
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def check_name(name: str) -> str:
-    """Device names: ``[A-Za-z0-9._-]{1,64}``, not ``.`` or ``..`` (EINVAL)."""
-    if not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise SnapfsError(errno.EINVAL, f"bad device name {name[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    return name
 
 
 class CbtStore(Protocol):

@@ -22,11 +22,11 @@ import struct
 from dataclasses import dataclass, field
 
 from . import mountinfo
+from .commands import FSTYPE
 
 LOOP_GET_STATUS64 = 0x4C05
 _LOOP_INFO64_SIZE = 232
 MAX_DEPTH = 16
-SNAPFS_FSTYPE = "fuse.snapfs"
 # kernel interfaces, not storage: a "file" there may be /proc/self/mem
 PSEUDO_FSTYPES = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
                   "configfs", "fusectl", "devpts", "mqueue", "bpf", "pstore", "efivarfs",
@@ -176,7 +176,7 @@ class Guard:
                       own: bool) -> str | None:
         if self.mount_dev is not None and layer.dev == self.mount_dev:
             return "is inside this snapfs mount"
-        if storage and fstypes.get(layer.dev) == SNAPFS_FSTYPE:
+        if storage and fstypes.get(layer.dev) == FSTYPE:
             return "is on a snapfs mount (two daemons could wait on each other)"
         if storage and fstypes.get(layer.dev) in PSEUDO_FSTYPES:
             return f"is on a {fstypes[layer.dev]} filesystem, not storage"

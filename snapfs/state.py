@@ -45,13 +45,6 @@ FORMAT = "snapfs-cbt"
 VERSION = 1
 
 
-def default_state_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/snapfs"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "snapfs")
-
-
 class StateStore:
     """Loads CBT at mount, consumes the files once running, saves at clean stop."""
 

@@ -14,7 +14,8 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "mountinfo", "namespace", "procs", "ioprio", "aio", "workers", "fileio",  # leaves
+    "errors", "params", "commands", "mountinfo", "namespace", "procs", "ioprio",       # leaves
+    "aio", "workers", "fileio",
     "stack", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
@@ -23,7 +24,7 @@ LAYERS = [
 ]
 BACKUP = ["repo", "chunks", "output", "pace", "create", "restore", "verify", "prune", "mountfs", "cli"]
 # of snapfs's own modules:
-BACKUP_MAY_USE = {"__version__", "errors", "params", "ioprio", "cbt", "client", "daemon"}
+BACKUP_MAY_USE = {"__version__", "errors", "params", "commands", "ioprio", "cbt", "client", "daemon"}
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 

@@ -1,0 +1,242 @@
+"""The control commands as data: each verb's name, typed arguments, limits, errnos and
+help, and the checks of a command line that need no running mount.
+
+Pure: only ``errors`` and ``params`` below it, no trio, pyfuse3 or daemon module, so
+the client side (client.py, cli.py) reads the same table as the daemon (control.py)
+and stays cheap to import. control.py runs a checked line; cli.py builds its parser
+from ``COMMANDS``; docs/design.md section 3's table is ``doc_table()`` (a test holds
+them equal).
+"""
+
+import errno
+import re
+import shlex
+from dataclasses import dataclass
+
+from .errors import SnapfsError
+from .params import SECTOR, parse_number, parse_size
+
+FSTYPE = "fuse.snapfs"          # a snapfs mount in mountinfo
+MAX_LINE = 8192                 # bytes in one command: parsing stays well under a millisecond
+# snapshot_waitevent: the kernel runs one write to the control file at a time, so a
+# waiting command holds up every other one (destroy too) until it returns
+MAX_TIMEOUT_MS = 60_000
+MAX_RANGES = 10_000             # SECTOR:COUNT words in one markdirtyblock
+MAX_NAMES = 998                 # device names in one snapshot_create
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_name(name: str) -> str:
+    """Device names: ``[A-Za-z0-9._-]{1,64}``, not ``.`` or ``..`` (EINVAL)."""
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise SnapfsError(errno.EINVAL, f"bad device name {name[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+def check_path(path: str, what: str) -> str:
+    """Paths in commands name files as the daemon sees them: relative ones would resolve
+    against its working directory, so they are refused (the CLI sends absolute ones)."""
+    if not path.startswith("/"):
+        raise SnapfsError(errno.EINVAL, f"{what} path {path[:64]!r} is not absolute")
+    return path
+
+
+def parse_range(text: str, capacity: int = 1 << 63) -> tuple[int, int]:
+    """``SECTOR:COUNT`` (512-byte sectors) -> (offset, length) in bytes; EINVAL if
+    malformed or outside the device."""
+    sector, sep, count = text.partition(":")
+    if not sep:
+        raise SnapfsError(errno.EINVAL, f"bad range {text[:64]!r}: use SECTOR:COUNT")
+    offset = parse_number(sector, "sector") * SECTOR
+    length = parse_number(count, "sector count") * SECTOR
+    if length == 0 or offset + length > capacity:
+        raise SnapfsError(errno.EINVAL, f"range {text[:64]} is outside the device ({capacity} bytes)")
+    return offset, length
+
+
+def parse_timeout(text: str) -> int:
+    """A snapshot_waitevent timeout: milliseconds, at most MAX_TIMEOUT_MS (EINVAL)."""
+    return parse_number(text, "timeout (milliseconds)", MAX_TIMEOUT_MS)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one argument word accepts: ``check`` raises SnapfsError(EINVAL) for a bad
+    word and returns its value; ``path``: the CLI makes it absolute before sending."""
+
+    metavar: str
+    check: object                  # Callable[[str], object]
+    path: bool = False
+
+
+NAME = Kind("NAME", check_name)
+ID = Kind("ID", str)
+SOURCE = Kind("PATH", lambda w: check_path(w, "source"), path=True)
+STORAGE = Kind("STORAGE", lambda w: check_path(w, "storage"), path=True)
+LIMIT = Kind("LIMIT", parse_size)
+RANGE = Kind("SECTOR:COUNT", lambda w: (parse_range(w), w)[1])     # checked against the device later
+TIMEOUT = Kind("TIMEOUT_MS", parse_timeout)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: a typed word (``kind``), ``many`` of them, or an ``option``: a
+    literal word that may end the line (``nofreeze``, ``force``); the daemon gets
+    True when it is there."""
+
+    dest: str
+    kind: Kind | None = None
+    many: int = 0                  # at most this many words; 0: one word
+    optional: bool = False         # with ``many``: none at all is fine
+    option: str = ""
+    help: str = ""
+
+    @property
+    def usage(self) -> str:
+        if self.option:
+            return f"[{self.option}]"
+        text = self.kind.metavar + ("..." if self.many else "")
+        return f"[{text}]" if self.optional else text
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb: its arguments, a one-line ``help``, what it ``does`` and its ``errors``
+    (docs/design.md section 3), whether it gets the sender's ``view`` (it has paths, or
+    watches the sender), and whether it still runs once a stop is under way."""
+
+    name: str
+    args: tuple[Arg, ...]
+    help: str
+    does: str
+    errors: str = ""
+    view: bool = False
+    while_stopping: bool = False
+
+    @property
+    def usage(self) -> str:
+        return " ".join(a.usage for a in self.args)
+
+    def check(self, words: list[str]) -> list:
+        """The arguments ``words`` (after the verb) checked and converted, one value per
+        Arg (a list for ``many``, a bool for an option); EINVAL naming the usage."""
+        values, rest = [], list(words)
+        for arg in self.args:
+            if arg.option:
+                present = bool(rest) and rest[0] == arg.option
+                if rest and not present:
+                    raise SnapfsError(errno.EINVAL, f"unknown {self.name} option {rest[0][:64]!r} "
+                                      f"(only {arg.option})")
+                values.append(present)
+                rest = rest[present:]
+            elif arg.many:
+                if len(rest) > arg.many or not (rest or arg.optional):
+                    raise self.usage_error()
+                values.append([arg.kind.check(w) for w in rest])
+                rest = []
+            else:
+                if not rest:
+                    raise self.usage_error()
+                values.append(arg.kind.check(rest.pop(0)))
+        if rest:
+            raise self.usage_error()
+        return values
+
+    def usage_error(self) -> SnapfsError:
+        return SnapfsError(errno.EINVAL, f"usage: {self.name} {self.usage}".rstrip())
+
+
+def _commands(*commands: Command) -> dict[str, Command]:
+    return {c.name: c for c in commands}
+
+
+COMMANDS: dict[str, Command] = _commands(
+    Command("version", (), "print the daemon's version", '`{"version": "x.y.z"}`',
+            while_stopping=True),
+    Command("status", (), "devices, snapshots, storage use", "as `MOUNT/status`", while_stopping=True),
+    Command("attach", (Arg("name", NAME), Arg("path", SOURCE)), "add a device at run time",
+            "adds a device at run time (regular file or block device, whole 512-byte sectors)",
+            "EEXIST name or source taken; EBUSY file in use by another snapfs or a storage; ENOENT/EACCES "
+            "path; EXDEV sender's namespace unknown; EINVAL bad name, not file/bdev, odd size, relative "
+            "path, a source the data path would wait on itself through, or one under a live snapshot's "
+            "storage (§4 Guard)", view=True),
+    Command("detach", (Arg("name", NAME),), "remove a device (its CBT history is lost)",
+            "removes it; its CBT history is gone", "ENOENT; EBUSY in a snapshot or open"),
+    Command("cbtinfo", (Arg("name", NAME),), "CBT block size, count, generation, changes number",
+            "as `cbt/NAME/info`", "ENOENT"),
+    Command("markdirtyblock", (Arg("name", NAME), Arg("ranges", RANGE, many=MAX_RANGES)),
+            "mark 512-byte sector ranges changed",
+            "marks 512-byte sector ranges changed in both CBT maps",
+            "ENOENT; EINVAL malformed or outside the device"),
+    Command("snapshot_create", (Arg("storage", STORAGE), Arg("limit", LIMIT),
+                                Arg("names", NAME, many=MAX_NAMES, optional=True)),
+            "new snapshot, prints its id",
+            'a new snapshot with its difference storage; `{"id": ...}`',
+            "ENOENT device; EBUSY device in another snapshot or storage file in use; EXDEV sender's "
+            "namespace unknown; EINVAL bad limit, relative path, storage refused (§4 Guard); ENOSPC "
+            "existing storage bigger than LIMIT", view=True),
+    Command("snapshot_add", (Arg("id", ID), Arg("name", NAME)), "add a device before take",
+            "adds a device before take",
+            "ESRCH; EALREADY in it; EBUSY in another, or taken, or being taken; EINVAL storage refused"),
+    Command("snapshot_take", (Arg("id", ID), Arg("nofreeze", option="nofreeze",
+                                                 help="do not freeze filesystems stacked on the devices")),
+            "the point in time", "the point in time of all its devices (§5)",
+            "ESRCH; EALREADY taken or being taken; ENODEV no devices; EINVAL storage refused"),
+    Command("snapshot_destroy", (Arg("id", ID),), "remove images, free the storage",
+            "removes images, stops COW, frees storage; tracking goes on", "ESRCH"),
+    Command("snapshot_collect", (), "list snapshot ids", '`{"ids": [...]}`'),
+    Command("snapshot_info", (Arg("name", NAME),), "snapshot id, image path and error code of a device",
+            '`{"id", "image": "snapshots/ID/NAME", "error_code": 0 or -errno}`',
+            "ENOENT; ESRCH not in a snapshot"),
+    Command("snapshot_waitevent", (Arg("id", ID), Arg("timeout_ms", TIMEOUT)),
+            f"pop the next event (at most {MAX_TIMEOUT_MS} ms)",
+            f"pops the next unconsumed event (TIMEOUT_MS at most {MAX_TIMEOUT_MS})",
+            "ETIMEDOUT; ESRCH (also when destroyed meanwhile); EINTR the sender has a signal pending; "
+            "EINVAL timeout", view=True),
+    Command("stop", (Arg("force", option="force", help="at once: users of open device and image "
+                         "files get I/O errors"),),
+            "stop the daemon as SIGTERM does: once no device or image file is open",
+            "a stop, as SIGTERM (§4 Stop); `force`: without waiting for open device and image files",
+            "EINVAL option", while_stopping=True),
+)
+
+
+def split(line: str) -> tuple[Command, list]:
+    """A command line -> its Command and checked arguments (Command.check); EINVAL for
+    a malformed line or an unknown verb."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise SnapfsError(errno.EINVAL, f"cannot parse command: {exc}") from None
+    if not words:
+        raise SnapfsError(errno.EINVAL, "empty command")
+    command = COMMANDS.get(words[0])
+    if command is None:
+        raise SnapfsError(errno.EINVAL, f"unknown command {words[0][:64]!r}")
+    return command, words[1:]
+
+
+def command_line(data: bytes) -> str:
+    """The one command line in one write: at most MAX_LINE bytes (E2BIG), UTF-8, no
+    NUL, one line (a trailing newline is allowed) (EINVAL)."""
+    if len(data) > MAX_LINE:
+        raise SnapfsError(errno.E2BIG, f"command longer than {MAX_LINE} bytes")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SnapfsError(errno.EINVAL, "command is not UTF-8 text") from None
+    text = text.rstrip("\r\n")
+    if "\n" in text or "\0" in text:
+        raise SnapfsError(errno.EINVAL, "one command per write, one line, no NUL bytes")
+    return text
+
+
+def format_line(command: str, *words: str) -> str:
+    """A command line as the daemon splits it: every word quoted."""
+    return " ".join(shlex.quote(w) for w in (command, *words))
+
+
+def doc_table() -> list[str]:
+    """docs/design.md section 3's table rows, one per command."""
+    return [f"| `{f'{c.name} {c.usage}'.rstrip()}` | {c.does} | {c.errors}{' ' * bool(c.errors)}|"
+            for c in COMMANDS.values()]
