@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import __version__, mountinfo
-from .backup.output import DefaultsHelp, human
+from .backup.output import DefaultsHelp, arg_type
 from .client import (
     batched_lines,
     command,
@@ -31,7 +31,7 @@ from .client import (
 )
 from .commands import COMMANDS, Command, format_line, parse_timeout
 from .errors import SnapfsError
-from .params import SECTOR, Params, default_state_dir, parse_size
+from .params import SECTOR, Params, default_state_dir, human, parse_size, size_text
 
 # ----- output ----------------------------------------------------------------------
 
@@ -65,15 +65,6 @@ def print_status(status: dict) -> None:
             err = a.get("error_code", 0)
             print(f"  {name:14} {a.get('state', '-'):10} chunk {human(a['chunk_size'])}"
                   f"  copied {a.get('chunks_copied', 0)}" + (f"  error {err}" if err else ""))
-
-
-def size_text(n: int) -> str:
-    """A size as it is typed: ``256K``, ``1G``."""
-    for unit in ("T", "G", "M", "K"):
-        scale = 1 << (10 * "KMGT".index(unit) + 10)
-        if n and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
 
 
 # ----- commands ----------------------------------------------------------------------
@@ -304,17 +295,6 @@ def cmd_cbt_changes(args) -> int:
     return 0
 
 
-def _checked(check):
-    """An argparse type that validates with ``check`` and keeps the text."""
-    def convert(text: str) -> str:
-        try:
-            check(text)
-        except SnapfsError as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
-        return text
-    return convert
-
-
 class OptionWord(argparse.Action):
     """An option word given as a positional (``ID nofreeze``): True when it is there,
     and it keeps a True set by its flag (``--nofreeze``)."""
@@ -336,7 +316,7 @@ def add_command_arguments(parser: argparse.ArgumentParser, spec: Command, option
             continue
         loose = optional or arg.optional
         nargs = ("*" if loose else "+") if arg.many else ("?" if loose else None)
-        kind = os.path.abspath if arg.kind.path else _checked(arg.kind.check)
+        kind = os.path.abspath if arg.kind.path else arg_type(arg.kind.check, keep_text=True)
         parser.add_argument(arg.dest, metavar=arg.kind.metavar, nargs=nargs, type=kind, help=arg.help or None)
 
 
@@ -385,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
     for f in dataclasses.fields(Params):
         size = f.name.endswith("_minimum")
-        m.add_argument("--" + f.name.replace("_", "-"), type=_size if size else int, default=f.default,
+        m.add_argument("--" + f.name.replace("_", "-"), type=arg_type(parse_size) if size else int,
+                       default=f.default,
                        help=f"{PARAM_HELP[f.name]} (default: {size_text(f.default) if size else f.default})")
     m.add_argument("--state-dir", help=f"where CBT is kept (default {default_state_dir()})")
     m.add_argument("--read-ahead-kb", type=int, default=4096,
@@ -457,13 +438,6 @@ def _group(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SnapfsError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def main(argv: list[str] | None = None) -> int:

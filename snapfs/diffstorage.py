@@ -21,7 +21,6 @@ which marks the device image corrupted; they never reach the original's writer.
 """
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -29,6 +28,7 @@ from collections.abc import Callable
 
 from .errors import SnapfsError
 from .fileio import FileIO
+from .osutil import lock_exclusive
 from .workers import InFlight
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,10 @@ class DiffStorage:
                 fd = os.open(target, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
                 return fd, f"tmpfile in {name}", True
             if stat.S_ISREG(st.st_mode):
-                return _locked(os.open(target, os.O_RDWR | os.O_CLOEXEC), name), name, True
+                # a second snapshot naming the same file would overwrite its slots
+                fd = lock_exclusive(os.open(target, os.O_RDWR | os.O_CLOEXEC), f"storage {name}",
+                                    lambda: f"storage {name} is in use by another snapshot")
+                return fd, name, True
             if stat.S_ISBLK(st.st_mode):
                 fd = os.open(target, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
                 return fd, name, False
@@ -244,20 +247,6 @@ class DiffStorage:
             "limit": self.limit,
             "overflow": self.overflow,
         }
-
-
-def _locked(fd: int, target: str) -> int:
-    """Hold an exclusive flock on an existing storage file for the snapshot's life: a
-    second snapshot (of this or another snapfs) naming the same file would overwrite
-    its slots. The lock goes with the fd, so a crash releases it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise SnapfsError(errno.EBUSY, f"storage {target} is in use by another snapshot") from None
-        raise
-    return fd
 
 
 def _stat_parent(path: str) -> os.stat_result:

@@ -31,6 +31,7 @@ import os
 import stat
 import struct
 
+from . import blockdev
 from .errors import SnapfsError
 from .params import SECTOR
 
@@ -143,29 +144,19 @@ def backing_device_file(path: str) -> tuple[str, int]:
         dev = os.stat(path).st_dev
     except OSError as exc:
         raise SnapfsError.from_oserror(exc, f"stat of {path}") from None
-    number = f"{os.major(dev)}:{os.minor(dev)}"
-    sysdir = os.path.realpath(f"/sys/dev/block/{number}")
-    if not os.path.isdir(sysdir):
-        raise SnapfsError(errno.EINVAL, f"{path} is not on a block device (device {number})")
-    offset = 0
-    if os.path.exists(os.path.join(sysdir, "partition")):
-        offset += int(_read(os.path.join(sysdir, "start"))) * SECTOR
-        sysdir = os.path.dirname(sysdir)          # .../block/loop0/loop0p1 -> .../loop0
+    sysdir = blockdev.sysfs_dir(dev)
+    if sysdir is None:
+        raise SnapfsError(errno.EINVAL, f"{path} is not on a block device "
+                                        f"(device {os.major(dev)}:{os.minor(dev)})")
+    sysdir, offset = blockdev.whole_disk(sysdir) or (sysdir, 0)   # .../loop0/loop0p1 -> .../loop0
     loopdir = os.path.join(sysdir, "loop")
     if not os.path.isdir(loopdir):
         raise SnapfsError(errno.EINVAL, f"{path} is on /dev/{os.path.basename(sysdir)}, "
                                         "not on a loop device")
-    backing = _read(os.path.join(loopdir, "backing_file"))
-    offset += int(_read(os.path.join(loopdir, "offset")))
+    backing = blockdev.read(os.path.join(loopdir, "backing_file"), strict=True)
+    offset += int(blockdev.read(os.path.join(loopdir, "offset"), strict=True))
     if backing.endswith(" (deleted)") and not os.path.exists(backing):
         raise SnapfsError(errno.ENOENT, f"the backing file of /dev/{os.path.basename(sysdir)} "
                                         f"was deleted: {backing}")
     return backing, offset
 
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().rstrip("\n")
-    except OSError as exc:
-        raise SnapfsError.from_oserror(exc, f"reading {path}") from None

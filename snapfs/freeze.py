@@ -7,40 +7,16 @@ through the loop device into the FUSE mount, so every call here is blocking and 
 run in a worker thread while the FUSE loop keeps serving.
 """
 
-import errno
 import fcntl
 import logging
 import os
 
-from . import mountinfo
-from .stack import loop_backing
+from . import blockdev, mountinfo
 
 log = logging.getLogger(__name__)
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
-
-
-def loop_devices_backed_by(files: set[tuple[int, int]]) -> list[str]:
-    """Names of loop devices (``loop3``) whose backing file is one of ``files``,
-    given as (st_dev, st_ino) pairs."""
-    return [name for name in sorted(os.listdir("/sys/block"))
-            if name.startswith("loop") and os.path.exists(f"/sys/block/{name}/loop")
-            and loop_backing(name) in files]
-
-
-def _block_numbers(loop: str) -> set[int]:
-    """Device numbers of the loop device and of its partitions."""
-    base = f"/sys/block/{loop}"
-    numbers = set()
-    for entry in [base] + [f"{base}/{p}" for p in os.listdir(base) if p.startswith(loop + "p")]:
-        try:
-            with open(f"{entry}/dev") as f:
-                major, minor = f.read().strip().split(":")
-            numbers.add(os.makedev(int(major), int(minor)))
-        except (OSError, ValueError):
-            pass
-    return numbers
 
 
 def mounts_of(numbers: set[int]) -> list[str]:
@@ -58,22 +34,13 @@ def stacked_mounts(files: set[tuple[int, int]]) -> tuple[list[str], list[str]]:
     devices over them that are in use but show no mount here (mounted in another
     mount namespace, or held by another program): they cannot be frozen."""
     points, hidden = [], []
-    for loop in loop_devices_backed_by(files):
-        found = mounts_of(_block_numbers(loop))
+    for loop in blockdev.loops_backed_by(files):
+        found = mounts_of(blockdev.disk_numbers(loop))
         if found:
             points += found
-        elif _in_use(loop):
+        elif blockdev.in_use(loop):
             hidden.append(loop)
     return points, hidden
-
-
-def _in_use(loop: str) -> bool:
-    """The loop device (or a partition of it) is claimed: a mount or an O_EXCL user."""
-    try:
-        os.close(os.open(f"/dev/{loop}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
-    except OSError as exc:
-        return exc.errno == errno.EBUSY
-    return False
 
 
 def freeze(mountpoints: list[str]) -> list[tuple[str, int]]:

@@ -12,13 +12,12 @@ answers ENOENT, and is dropped from the table when the kernel forgets it.
 
 Each file kind's ``open`` returns a handle with its own ``read``/``write``/``fsync``/
 ``poll``/``release``. Errors: SnapfsError and OSError become FUSEError with their
-errno in ``_fuse_errors``; anything else is a bug (errors.py): logged once with its
+errno in ``_fuse_errors`` (fusecommon.py); anything else is a bug (errors.py): logged once with its
 traceback and answered with EIO, and the mount keeps serving (a pyfuse3 handler
 raising anything but FUSEError would end the mount).
 """
 
 import errno
-import functools
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import trio
 
 from . import control, ioprio, procs, workers
 from .errors import SnapfsError
+from .fusecommon import BaseOperations, fuse_errors
 from .namespace import View
 from .registry import INTERRUPT_CHECK, Registry
 from .snapshot import Snapshot
@@ -43,26 +43,7 @@ ROOT = pyfuse3.ROOT_INODE
 BLKSIZE = 1 << 20     # st_blksize: cp and other tools read this much at a time
 
 
-def _fuse_errors(handler):
-    """The one place where errors become errnos (module docstring)."""
-
-    @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except SnapfsError as exc:
-            log.debug("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            log.warning("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
+_fuse_errors = fuse_errors(log)           # the one place where errors become errnos
 
 
 # ----- handles ---------------------------------------------------------------------------
@@ -430,7 +411,7 @@ class Node:
     ctime_ns: int = field(default_factory=time.time_ns)
 
 
-class Operations(pyfuse3.Operations):
+class Operations(BaseOperations):
     """pyfuse3 handlers: look up entries, open handles, dispatch. Also the registry's
     listener: wakes event readers, drops cached image pages at destroy. Keeps who has
     device and image files open (``data_files``), which a stop waits for; once
@@ -578,15 +559,6 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child), i):
                 break
             child.lookups += 1
-
-    async def releasedir(self, fh):
-        pass
-
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):

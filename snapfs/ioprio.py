@@ -3,14 +3,14 @@ process that opens a snapshot image is carried to the source I/O its reads cause
 (docs/concurrency.md rule 4). Values are the kernel's: class << 13 | level; 0 means
 none set (derived from the CPU nice value)."""
 
-import ctypes
 import os
+
+from .osutil import LIBC
 
 _SYS_GET, _SYS_SET = {"x86_64": (252, 251), "aarch64": (31, 30)}.get(os.uname().machine, (None, None))
 _WHO_PROCESS = 1
 CLASS_SHIFT = 13
 IDLE = 3                 # the idle class: ``ionice -c3``
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def of(pid: int) -> int:
@@ -28,7 +28,7 @@ def current_thread() -> int:
 def _get(who: int) -> int:
     if _SYS_GET is None:
         return 0
-    value = _libc.syscall(_SYS_GET, _WHO_PROCESS, who)
+    value = LIBC.syscall(_SYS_GET, _WHO_PROCESS, who)
     return value if value > 0 and value >> CLASS_SHIFT else 0
 
 
@@ -36,7 +36,7 @@ def set_current_thread(value: int) -> None:
     """Give the calling thread I/O priority ``value`` (failures ignored: a priority is a
     hint)."""
     if _SYS_SET is not None:
-        _libc.syscall(_SYS_SET, _WHO_PROCESS, 0, value)
+        LIBC.syscall(_SYS_SET, _WHO_PROCESS, 0, value)
 
 
 def is_idle(value: int) -> bool:

@@ -30,7 +30,6 @@ worker thread.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 
 from . import mountinfo
 from .errors import SnapfsError
+from .osutil import LIBC
 
 SYS_OPENAT2 = 437                # the same number on every architecture since 5.6
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -49,14 +49,12 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_LIBC.syscall.restype = ctypes.c_long
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = _RESOLVE) -> int:
     """openat2(2): an fd, or OSError."""
     how = _OpenHow(flags, mode, resolve)
-    fd = _LIBC.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
+    fd = LIBC.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
                        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
         code = ctypes.get_errno()

@@ -102,3 +102,21 @@ def default_state_dir() -> str:
         return "/var/lib/snapfs"
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "snapfs")
+
+
+def human(n: float) -> str:
+    """A size for people to read: ``512B``, ``1.5M``."""
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def size_text(n: int) -> str:
+    """A size as it is typed (``parse_size`` reads it back): ``256K``, ``1G``."""
+    for unit in ("T", "G", "M", "K"):
+        scale = 1 << (10 * "KMGT".index(unit) + 10)
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)

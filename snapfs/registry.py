@@ -34,7 +34,7 @@ from .errors import SnapfsError
 from .events import EventLog
 from .namespace import SAME, View
 from .params import Params
-from .snapshot import Snapshot, take
+from .snapshot import Snapshot, check_addable, take
 from .source import Source
 from .stack import Guard
 from .tracker import Tracker
@@ -215,7 +215,7 @@ class Registry:
         if limit <= 0:
             raise SnapfsError(errno.EINVAL, "limit must be positive")
         for name in names:
-            self._check_addable(self.device(name), None)
+            check_addable(self.device(name), None)
         if len(set(names)) != len(names):
             raise SnapfsError(errno.EINVAL, "a device is listed twice")
         guard, events = self.guard(), EventLog([self.listener.events_changed])
@@ -245,18 +245,12 @@ class Registry:
         log.info("created snapshot %s (%s, limit %d)", snap.id, store.description, limit)
         return snap
 
-    def _check_addable(self, tracker: Tracker, snap: Snapshot | None) -> None:
-        if snap is not None and tracker.name in snap.trackers:
-            raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {snap.id}")
-        if tracker.snapshot_id is not None:
-            raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
-
     async def add(self, snap_id: str, name: str) -> None:
         snap = self.snapshot(snap_id)
         tracker = self.device(name)
         if snap.taking:
             raise SnapfsError(errno.EBUSY, f"snapshot {snap_id} is being taken")
-        self._check_addable(tracker, snap)
+        check_addable(tracker, snap)
         await self.check_storage(snap)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap_id} was destroyed meanwhile")

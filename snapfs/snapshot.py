@@ -79,10 +79,7 @@ class Snapshot:
 
     def add(self, tracker: Tracker) -> None:
         """Add a device before take. EALREADY in it; EBUSY in another or taken."""
-        if tracker.name in self.trackers:
-            raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {self.id}")
-        if tracker.snapshot_id is not None:
-            raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
+        check_addable(tracker, self)
         if self.taken:
             raise SnapfsError(errno.EBUSY, f"snapshot {self.id} is taken; add devices before take")
         self.trackers[tracker.name] = tracker
@@ -141,6 +138,15 @@ class Snapshot:
             "devices": devices,
             "events": len(self.events.events),
         } | self.storage.statistics()
+
+
+def check_addable(tracker: Tracker, snap: Snapshot | None) -> None:
+    """A device may join ``snap`` (None: a new snapshot): EALREADY when it is in it,
+    EBUSY when it is in another."""
+    if snap is not None and tracker.name in snap.trackers:
+        raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {snap.id}")
+    if tracker.snapshot_id is not None:
+        raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
 
 
 async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],

@@ -10,7 +10,6 @@ itself, so a second mount that is refused can say which mount serves the source.
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from . import aio
 from .errors import SnapfsError
 from .fileio import FileIO
+from .osutil import LIBC, lock_exclusive
 from .params import SECTOR
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -84,7 +84,9 @@ class Source:
                                                      "by another program")) from None
             raise SnapfsError.from_oserror(exc, f"opening {name}") from None
         if kind == "file":
-            _lock(fd, name, st)
+            # one daemon per file: a second snapfs, or a snapshot storage, naming it gets EBUSY
+            lock_exclusive(fd, name, lambda: _held(name, st, "a snapshot's storage or another "
+                                                   "snapfs holds a lock on it"))
         size = os.lseek(fd, 0, os.SEEK_END)
         # no read-ahead of our own: the kernel's read-ahead on the FUSE file already
         # sizes our requests, and a 4 KiB random read must stay 4 KiB on the disk
@@ -141,20 +143,6 @@ class Source:
         if self.io.direct_fd is not None:
             os.close(self.io.direct_fd)
         os.close(self.fd)
-
-
-def _lock(fd: int, path: str, st: os.stat_result) -> None:
-    """An exclusive flock for the source's life (block devices have O_EXCL): a second
-    snapfs, or a snapshot storage, naming the same file gets EBUSY. The lock belongs
-    to this open file, so a crash releases it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise SnapfsError(errno.EBUSY, _held(path, st, "a snapshot's storage or another "
-                                                 "snapfs holds a lock on it")) from None
-        raise SnapfsError.from_oserror(exc, f"locking {path}") from None
 
 
 def _held(path: str, st: os.stat_result, otherwise: str) -> str:
@@ -282,12 +270,11 @@ def _remove_stale(base: str) -> None:
             os.close(fd)
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (os.posix_fallocate has none); OSError on failure."""
-    if _LIBC.fallocate(fd, mode, offset, length) != 0:
+    if LIBC.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))

@@ -15,17 +15,13 @@ must not be on any snapfs mount (two daemons can then wait on each other). Calls
 here block (sysfs reads, opening ``/dev/loopN``): run them in a worker thread.
 """
 
-import fcntl
 import os
 import stat
-import struct
 from dataclasses import dataclass, field
 
-from . import mountinfo
+from . import blockdev, mountinfo
 from .commands import FSTYPE
 
-LOOP_GET_STATUS64 = 0x4C05
-_LOOP_INFO64_SIZE = 232
 MAX_DEPTH = 16
 # kernel interfaces, not storage: a "file" there may be /proc/self/mem
 PSEUDO_FSTYPES = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
@@ -47,65 +43,27 @@ class Layer:
     backing_rdev: int = 0
 
 
-def loop_status(name: str) -> tuple[int, int, int] | None:
-    """(st_dev, st_ino, rdev) of the file behind loop device ``name`` (rdev is 0 for a
-    regular file), None if unbound or unreadable. Never a path lookup."""
-    try:
-        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            buf = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    dev, ino, rdev = struct.unpack_from("QQQ", buf)
-    return (dev, ino, rdev) if ino else None
-
-
-def loop_backing(name: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file behind loop device ``name``, or None."""
-    status = loop_status(name)
-    return status[:2] if status else None
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _block_dir(dev: int) -> str | None:
-    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-    return os.path.realpath(path) if os.path.exists(path) else None
-
-
-def _dev_of(sysdir: str) -> int | None:
-    major, _, minor = _read(os.path.join(sysdir, "dev")).partition(":")
-    return os.makedev(int(major), int(minor)) if minor else None
-
-
 def _device_layers(dev: int) -> tuple[list[Layer], list[int]]:
     """``dev`` and, for a partition, its whole disk (with the loop backing); and the
     device numbers below: the loop's backing filesystem or block device, and the
     ``slaves`` of a device-mapper or md device (LVM, LUKS, RAID)."""
-    sysdir = _block_dir(dev)
+    sysdir = blockdev.sysfs_dir(dev)
     if sysdir is None:
         return [Layer(dev, f"{os.major(dev)}:{os.minor(dev)}")], []
     found = []
     if os.path.exists(os.path.join(sysdir, "partition")):
         found.append(Layer(dev, os.path.basename(sysdir)))
         sysdir = os.path.dirname(sysdir)
-        dev = _dev_of(sysdir) or dev
+        dev = blockdev.dev_of(sysdir) or dev
     name = os.path.basename(sysdir)
-    status = loop_status(name) if os.path.isdir(os.path.join(sysdir, "loop")) else None
-    path = _read(os.path.join(sysdir, "loop", "backing_file")) if status else ""
+    status = blockdev.loop_status(name) if os.path.isdir(os.path.join(sysdir, "loop")) else None
+    path = blockdev.read(os.path.join(sysdir, "loop", "backing_file")) if status else ""
     found.append(Layer(dev, name, status[:2] if status else None, path, status[2] if status else 0))
     below = [status[2] or status[0]] if status else []
     slaves = os.path.join(sysdir, "slaves")
     if os.path.isdir(slaves):
-        below += [d for d in (_dev_of(os.path.join(slaves, s)) for s in sorted(os.listdir(slaves))) if d]
+        numbers = (blockdev.dev_of(os.path.join(slaves, s)) for s in sorted(os.listdir(slaves)))
+        below += [d for d in numbers if d]
     return found, below
 
 

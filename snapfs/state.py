@@ -36,6 +36,7 @@ import os
 from dataclasses import asdict
 
 from .cbt import CBT
+from .osutil import replace_file
 from .params import Params, tracking_block_size
 from .source import Identity, Source
 
@@ -139,17 +140,7 @@ class StateStore:
             "sha256": hashlib.sha256(maps).hexdigest(),
         }
         path = self.path_for(source)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n" + maps)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(path, [json.dumps(header).encode() + b"\n", maps], path + ".tmp", mode=0o600)
 
 
 def _same_identity(saved: dict, now: Identity) -> bool:

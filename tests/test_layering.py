@@ -14,17 +14,19 @@ import snapfs
 
 # lowest first: the order of docs/design.md's module map
 LAYERS = [
-    "errors", "params", "commands", "mountinfo", "namespace", "procs", "ioprio",       # leaves
-    "aio", "workers", "fileio",
+    "errors", "params", "commands", "osutil", "blockdev", "mountinfo",           # leaves
+    "namespace", "procs", "ioprio", "aio", "workers", "fileio",
     "stack", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
-    "fs", "stop", "daemon", "mount",                                # the FUSE adapter, lifecycle
+    "fusecommon", "fs", "stop", "daemon", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
-BACKUP = ["repo", "chunks", "output", "pace", "create", "restore", "verify", "prune", "mountfs", "cli"]
+BACKUP = ["repo", "chunks", "output", "pace", "parallel", "create", "restore", "verify", "prune", "mountfs",
+          "cli"]
 # of snapfs's own modules:
-BACKUP_MAY_USE = {"__version__", "errors", "params", "commands", "ioprio", "cbt", "client", "daemon"}
+BACKUP_MAY_USE = {"__version__", "errors", "params", "commands", "osutil", "ioprio", "cbt", "client",
+                  "daemon", "fusecommon"}
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 

@@ -114,7 +114,7 @@ class ChunkStore:
     def sync(self) -> None:
         """Wait for the deferred commits (the first error is raised), then fsync the
         directories chunks were renamed into (before the manifest)."""
-        from .repo import fsync_dir
+        from ..osutil import fsync_dir
         with self._lock:
             commits, self._commits = self._commits, []
         for future in commits:

@@ -14,17 +14,12 @@ import sys
 import time
 
 from ..errors import SnapfsError
-from ..params import parse_size
+from ..params import human, parse_size
 from . import output
-from .output import DefaultsHelp, Output, human, table
+from .output import DefaultsHelp, Output, arg_type, table
 from .pace import PRIORITIES
 
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SnapfsError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+SIZE = arg_type(parse_size)
 
 
 def _exit_codes(func):
@@ -234,7 +229,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         return v
 
     v = verb("init", cmd_init, "create an empty repository (a plain directory tree)")
-    v.add_argument("--chunk-size", type=_size, default=4 << 20,
+    v.add_argument("--chunk-size", type=SIZE, default=4 << 20,
                    help="chunk size, a power of two from 64K to 64M (default 4M)")
     v.add_argument("--zstd-level", type=int, default=3, help="zstd level (default 3)")
 
@@ -242,7 +237,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     v.add_argument("names", nargs="+", metavar="NAME")
     v.add_argument("--storage", default="/var/tmp", help="directory (or file) for the snapshot's "
                    "difference storage, not inside the mount (default /var/tmp)")
-    v.add_argument("--storage-limit", type=_size, help="its limit (default: the devices' total size "
+    v.add_argument("--storage-limit", type=SIZE, help="its limit (default: the devices' total size "
                    "plus 64M, the most copy-before-write can need)")
     v.add_argument("--nofreeze", action="store_true", help="do not freeze stacked filesystems")
     v.add_argument("--full", action="store_true", help="read every chunk even if CBT could vouch")

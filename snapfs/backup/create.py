@@ -27,8 +27,6 @@ import os
 import random
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import __version__
@@ -38,6 +36,7 @@ from ..errors import SnapfsError
 from .chunks import ChunkStore, digest_of, zero_digest
 from .output import Output
 from .pace import RateLimit, set_io_priority
+from .parallel import run_window
 from .repo import DIGEST_SIZE, ZERO, Damaged, Repo, chunk_count
 
 STORAGE_SLACK = 64 << 20
@@ -221,23 +220,15 @@ class DeviceReader:
     def read_all(self, indexes, digests: bytearray, progress, pieces: dict | None = None) -> None:
         """Read ``indexes`` in parallel (a bounded window of tasks) into ``digests``;
         with ``pieces`` (CBT), ``digests`` holds the parent's digests on entry."""
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="backup-read") as pool:
-            window: deque = deque()
-            try:
-                for index in indexes:
-                    args = (pieces[index], bytes(digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
-                            ) if pieces else ()
-                    window.append((index, pool.submit(self.digest_at, index, *args)))
-                    if len(window) >= 2 * self.workers:
-                        self._collect(*window.popleft(), digests, progress)
-                while window:
-                    self._collect(*window.popleft(), digests, progress)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        def call(index: int) -> tuple:
+            args = (pieces[index], bytes(digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+                    ) if pieces else ()
+            return (index, self.digest_at, index, *args)
 
-    def _collect(self, index: int, future, digests: bytearray, progress) -> None:
-        chunk: Chunk = future.result()
+        run_window(self.workers, "backup-read", map(call, indexes),
+                   lambda index, chunk: self._collect(index, chunk, digests, progress))
+
+    def _collect(self, index: int, chunk: Chunk, digests: bytearray, progress) -> None:
         digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = chunk.digest
         self.stats["chunks_read"] += 1
         self.stats["bytes_read"] += chunk.device

@@ -13,7 +13,6 @@ log line naming point, device and offset; anything unexpected is logged and EIO.
 """
 
 import errno
-import functools
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ import trio
 
 from ..daemon import detach
 from ..errors import SnapfsError
+from ..fusecommon import BaseOperations, fuse_errors
 from .chunks import ChunkStore, digest_of
 from .repo import DIGEST_SIZE, ZERO, Damaged, Repo
 
@@ -32,29 +32,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 
 
-def _fuse_errors(handler):
-    """The one place where errors become errnos."""
-
-    @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except Damaged as exc:
-            log.error("%s", exc.message)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except SnapfsError as exc:
-            log.debug("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            log.warning("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
+_fuse_errors = fuse_errors(log, loud=(Damaged,))   # the one place where errors become errnos
 
 
 class OpenDevice:
@@ -64,7 +42,7 @@ class OpenDevice:
         self.point, self.name, self.size, self.digests = point, name, size, digests
 
 
-class BackupFS(pyfuse3.Operations):
+class BackupFS(BaseOperations):
     """Inodes: ROOT, one per point directory, one per (point, device) file; numbers are
     handed out once per key and never reused."""
 
@@ -201,15 +179,6 @@ class BackupFS(pyfuse3.Operations):
 
     async def release(self, fh):
         self.handles.pop(fh, None)
-
-    async def releasedir(self, fh):
-        pass
-
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
 
 
 def run(repo: Repo, mountpoint: str, cache_chunks: int = 16, allow_other: bool = False,

@@ -1,4 +1,4 @@
-"""What the backup verbs print: exit codes, sizes, tables, and progress (a tqdm bar
+"""What the backup verbs print: exit codes, tables, and progress (a tqdm bar
 when stdout is a terminal, plain lines otherwise, nothing on stdout with --json).
 
 Exit codes (every verb):
@@ -15,7 +15,22 @@ import argparse
 import sys
 import time
 
+from ..errors import SnapfsError
+from ..params import human
+
 OK, FAILED, USAGE, DAMAGED, AUDIT_MISMATCH = 0, 1, 2, 3, 4
+
+
+def arg_type(parse, keep_text: bool = False):
+    """An argparse type from ``parse`` (text -> value, SnapfsError when bad): its value,
+    or with ``keep_text`` the text it accepted; argparse prints the message."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except SnapfsError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        return text if keep_text else value
+    return convert
 
 
 class DefaultsHelp(argparse.HelpFormatter):
@@ -29,14 +44,6 @@ class DefaultsHelp(argparse.HelpFormatter):
                 or action.default == []):
             return text
         return f"{text} (default: %(default)s)"
-
-
-def human(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:

@@ -97,6 +97,7 @@ import zlib
 
 from .. import __version__
 from ..errors import SnapfsError
+from ..osutil import fsync_dir, replace_file, write_parts
 
 FORMAT = "snapfs-backup"
 VERSION = 1
@@ -182,22 +183,6 @@ class ThreadBuffers:
         return view[:length]
 
 
-def write_parts(fd: int, parts) -> None:
-    """Write every buffer of ``parts``, in order, at the file position."""
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while view:
-            view = view[os.write(fd, view):]
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Repo:
     """An opened repository: paths, locks, and the reading and writing of its files.
     Chunk contents (hashing, compression) are chunks.py's; this class moves bytes."""
@@ -240,13 +225,8 @@ class Repo:
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "tool_version": __version__, "chunk_size": chunk_size, "chunk_id": "blake3",
                   "compression": {"algorithm": "zstd", "level": zstd_level}, "encryption": None}
-        repo_tmp = os.path.join(path, "tmp", "config")
-        with open(repo_tmp, "w") as f:
-            f.write(json.dumps(config, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(repo_tmp, os.path.join(path, "config"))
-        fsync_dir(path)
+        replace_file(os.path.join(path, "config"), [(json.dumps(config, indent=2) + "\n").encode()],
+                     os.path.join(path, "tmp", "config"))
         return cls(path)
 
     def p(self, *parts: str) -> str:
@@ -277,19 +257,7 @@ class Repo:
     def write_atomic(self, final: str, *parts, sync_dir: bool = True) -> None:
         """Write ``parts`` (buffers, in order) to a temporary file, fsync it, rename it
         to ``final`` (and fsync its directory unless the caller batches that)."""
-        tmp = self.tmp_name(os.path.basename(final))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            write_parts(fd, parts)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._commit(tmp, final, sync_dir)
-
-    def _commit(self, tmp: str, final: str, sync_dir: bool) -> None:
-        os.rename(tmp, final)
-        if sync_dir:
-            fsync_dir(os.path.dirname(final))
+        replace_file(final, parts, self.tmp_name(os.path.basename(final)), sync_dir)
 
     def _write_direct(self, tmp: str, view: memoryview, length: int) -> int | None:
         """Write ``view[:length]`` (``view`` page-aligned) to a new file: the whole

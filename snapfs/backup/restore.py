@@ -20,12 +20,11 @@ import contextlib
 import errno
 import os
 import stat
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import SnapfsError
 from .chunks import ChunkStore, digest_of, is_zero
 from .output import Output
+from .parallel import run_window
 from .repo import ALIGN, DIGEST_SIZE, ZERO, Damaged, Repo, chunk_count
 
 SPARSE_BLOCK = 64 << 10      # zero runs this long inside a chunk stay holes in a new file
@@ -148,21 +147,11 @@ class Restorer:
 
     def run(self, digests: bytes, workers: int, progress) -> None:
         count = len(digests) // DIGEST_SIZE
-        with ThreadPoolExecutor(workers, thread_name_prefix="backup-restore") as pool:
-            window: deque = deque()
-            try:
-                for i in range(count):
-                    window.append(pool.submit(self.one, i, digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]))
-                    if len(window) >= 2 * workers:
-                        self._collect(window.popleft(), progress)
-                while window:
-                    self._collect(window.popleft(), progress)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        calls = ((i, self.one, i, digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]) for i in range(count))
+        run_window(workers, "backup-restore", calls, lambda _, result: self._collect(result, progress))
 
-    def _collect(self, future, progress) -> None:
-        written, skipped = future.result()
+    def _collect(self, result: tuple[int, int], progress) -> None:
+        written, skipped = result
         self.written += written
         self.skipped += skipped
         progress.update(written + skipped)

@@ -6,11 +6,11 @@ it decompresses to its recorded length, and its BLAKE3 equals its name. An index
 manifest that fails its own checks breaks its point too.
 """
 
-from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 
 from .chunks import ChunkStore, digest_of
 from .output import Output
+from .parallel import run_window
 from .repo import DIGEST_SIZE, ZERO, Damaged, Repo
 
 
@@ -41,17 +41,14 @@ def check_all(store: ChunkStore, digests: list[bytes], workers: int, progress) -
             return 0, exc.message
 
     damaged = {}
-    with ThreadPoolExecutor(workers, thread_name_prefix="backup-verify") as pool:
-        window: deque = deque()
-        for digest in [*digests, None]:
-            if digest is not None:
-                window.append((digest, pool.submit(check, digest)))
-            while window and (digest is None or len(window) >= 2 * workers):
-                done, future = window.popleft()
-                length, error = future.result()
-                progress.update(length)
-                if error:
-                    damaged[done] = error
+
+    def collect(digest: bytes, result: tuple[int, str | None]) -> None:
+        length, error = result
+        progress.update(length)
+        if error:
+            damaged[digest] = error
+
+    run_window(workers, "backup-verify", ((d, check, d) for d in digests), collect)
     return damaged
 
 
