@@ -23,7 +23,7 @@ import trio
 
 from . import mountinfo, workers
 from .commands import check_name
-from .daemon import detach
+from .detach import detach
 from .errors import SnapfsError
 from .fs import Operations
 from .params import Params

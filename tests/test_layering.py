@@ -19,14 +19,14 @@ LAYERS = [
     "stack", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
-    "fusecommon", "fs", "stop", "daemon", "mount",                  # the FUSE adapter, lifecycle
+    "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
 BACKUP = ["repo", "chunks", "output", "pace", "parallel", "create", "restore", "verify", "prune", "mountfs",
           "cli"]
 # of snapfs's own modules:
 BACKUP_MAY_USE = {"__version__", "errors", "params", "commands", "osutil", "ioprio", "cbt", "client",
-                  "daemon", "fusecommon"}
+                  "detach", "fusecommon"}
 CORE = LAYERS[: LAYERS.index("control") + 1]
 PACKAGE = Path(snapfs.__file__).parent
 

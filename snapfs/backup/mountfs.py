@@ -22,7 +22,7 @@ from collections import OrderedDict
 import pyfuse3
 import trio
 
-from ..daemon import detach
+from ..detach import detach
 from ..errors import SnapfsError
 from ..fusecommon import BaseOperations, fuse_errors
 from .chunks import ChunkStore, digest_of
