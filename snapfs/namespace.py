@@ -13,7 +13,7 @@ is the handle's). The pid is the opening thread's id in the daemon's pid namespa
   beneath it with ``openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)``: symlinks,
   absolute or relative, and ``..`` stay inside the caller's root, and /proc magic
   links are refused. The daemon then opens the object itself as ``/proc/self/fd/N``
-  (no second path walk), and the guards (stack.py) judge what was opened by its
+  (no second path walk), and the guards (guard.py) judge what was opened by its
   device and inode numbers, which mean the same in every namespace. A new storage
   file is created there (O_EXCL) and unlinked at once, as in the daemon's own view.
   The guards' filesystem types (a storage on a pseudo filesystem or on a snapfs

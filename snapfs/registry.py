@@ -32,11 +32,11 @@ from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
+from .guard import Guard
 from .namespace import SAME, View
 from .params import Params
 from .snapshot import Snapshot, check_addable, take
 from .source import Source
-from .stack import Guard
 from .tracker import Tracker
 from .workers import InFlight
 
@@ -140,7 +140,7 @@ class Registry:
 
     async def attach(self, name: str, path: str, view: View = SAME) -> Tracker:
         """Open ``path`` (absolute, where ``view`` sees it: namespace.py) in a thread,
-        refusing what the data path would wait on itself through (stack.py), and
+        refusing what the data path would wait on itself through (guard.py), and
         register it."""
         check_name(name)
         if name in self.devices:
@@ -193,7 +193,7 @@ class Registry:
     # ----- the storage guard -----------------------------------------------------------
 
     def guard(self) -> Guard:
-        """What storages and sources must not rest on (stack.py), as of now."""
+        """What storages and sources must not rest on (guard.py), as of now."""
         guard = Guard(self.mount_dev)
         for t in self.devices.values():
             guard.add(t.name, t.source.st)
@@ -390,7 +390,7 @@ class Registry:
 
 def open_source(path: str, guard: Guard, served_by: str = "", view: View = SAME) -> Source:
     """Blocking: find ``path`` where ``view`` sees it (namespace.py), refuse a source
-    the data path would wait on itself through (stack.py), then open it (claimed for
+    the data path would wait on itself through (guard.py), then open it (claimed for
     the mount at ``served_by``, source.Claim)."""
     guard.elsewhere = view.fstypes()
     target = view.resolve(path)

@@ -16,7 +16,7 @@ import snapfs
 LAYERS = [
     "errors", "params", "commands", "osutil", "blockdev", "mountinfo",           # leaves
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
-    "stack", "freeze",
+    "guard", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "state", "registry", "control",                                 # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
