@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from . import mountinfo, workers
+from .cbtstate import StateStore
 from .commands import check_name
 from .detach import detach
 from .errors import SnapfsError
@@ -29,7 +30,6 @@ from .fs import Operations
 from .params import Params
 from .registry import Registry
 from .source import Source
-from .state import StateStore
 from .stop import Stopper
 
 log = logging.getLogger(__name__)

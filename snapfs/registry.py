@@ -6,7 +6,7 @@ status. Knows nothing of FUSE or of command lines: ``control.py`` parses command
 and calls these methods, ``fs.py`` shows ``devices`` and ``snapshots``.
 
 Collaborators are given at construction, as small interfaces:
-    cbt_store: ``load(source) -> CBT | None`` and ``forget(source)`` (state.py);
+    cbt_store: ``load(source) -> CBT | None`` and ``forget(source)`` (cbtstate.py);
     listener:  ``events_changed()`` after any event of any snapshot, and
                ``async snapshot_destroyed(snap)`` once a snapshot is gone (fs.py drops
                cached image pages there).

@@ -30,7 +30,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 @dataclass(frozen=True)
 class Identity:
-    """What identifies a source across restarts (state.py compares these)."""
+    """What identifies a source across restarts (cbtstate.py compares these)."""
 
     path: str
     dev: int

@@ -1,8 +1,8 @@
-"""Unit tests of the CBT core (snapfs/cbt.py) and its persistence (snapfs/state.py).
+"""Unit tests of the CBT core (snapfs/cbt.py) and its persistence (snapfs/cbtstate.py).
 
 No FUSE: these build CBT objects directly and use a real temporary file as the
 Source. The semantics under test are docs/design.md section 4 "Tracking (CBT)" and the
-module docstrings of cbt.py (wrap-around) and state.py (format, clean-stop rule).
+module docstrings of cbt.py (wrap-around) and cbtstate.py (format, clean-stop rule).
 """
 
 import json
@@ -15,9 +15,9 @@ import pytest
 from helpers import state_files
 
 from snapfs.cbt import CBT, MAX_NUMBER
+from snapfs.cbtstate import StateStore
 from snapfs.params import GiB, KiB, MiB, Params, TiB, tracking_block_size
 from snapfs.source import Source
-from snapfs.state import StateStore
 
 BS = 64 * KiB
 
@@ -339,7 +339,7 @@ def test_round_trip_after_wrap(tmp_path, opened):
 
 def test_no_state_file_means_none(tmp_path, opened, caplog):
     store = StateStore(str(tmp_path / "state"), Params())
-    with caplog.at_level(logging.INFO, logger="snapfs.state"):
+    with caplog.at_level(logging.INFO, logger="snapfs.cbtstate"):
         assert store.load(opened()) is None
     store.consume()                   # nothing loaded: nothing to remove, no error
 
@@ -352,7 +352,7 @@ def _save(tmp_path, src) -> tuple[StateStore, str]:
 
 def _expect_ignored(store: StateStore, src: Source, caplog) -> None:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="snapfs.state"):
+    with caplog.at_level(logging.WARNING, logger="snapfs.cbtstate"):
         assert store.load(src) is None
     assert any(r.levelno == logging.WARNING for r in caplog.records), caplog.text
 
@@ -484,7 +484,7 @@ def test_every_damaged_state_file_is_ignored_without_exception(tmp_path, opened,
             f.write(data)
         caplog.clear()
         try:
-            with caplog.at_level(logging.WARNING, logger="snapfs.state"):
+            with caplog.at_level(logging.WARNING, logger="snapfs.cbtstate"):
                 result = store.load(src)
         except Exception as exc:   # the bug this test exists to catch
             failures.append(f"{what}: raised {type(exc).__name__}: {exc}")

@@ -18,7 +18,7 @@ LAYERS = [
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
     "guard", "freeze",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
-    "state", "registry", "control",                                 # persistence, registry, commands
+    "cbtstate", "registry", "control",                              # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI
 ]
