@@ -391,7 +391,7 @@ class Registry:
 def open_source(path: str, guard: Guard, served_by: str = "", view: View = SAME) -> Source:
     """Blocking: find ``path`` where ``view`` sees it (namespace.py), refuse a source
     the data path would wait on itself through (guard.py), then open it (claimed for
-    the mount at ``served_by``, source.Claim)."""
+    the mount at ``served_by``, claims.Claim)."""
     guard.elsewhere = view.fstypes()
     target = view.resolve(path)
     name = target.shown or path

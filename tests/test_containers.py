@@ -107,9 +107,9 @@ def test_a_busy_source_no_snapfs_claims_says_so(mounter, tmp_path):
 @pytest.fixture
 def claims(tmp_path, monkeypatch):
     """Claims in a directory of this test's; a source file's stat to claim."""
-    import snapfs.source
+    import snapfs.claims
     base = tmp_path / "claims"
-    monkeypatch.setattr(snapfs.source, "claims_dir", lambda: str(base))
+    monkeypatch.setattr(snapfs.claims, "claims_dir", lambda: str(base))
     src = tmp_path / "src.img"
     src.write_bytes(bytes(4096))
     return base, os.stat(src)
@@ -122,7 +122,7 @@ def test_a_claim_is_taken_while_another_process_briefly_looks_at_the_old_one(cla
     import fcntl
     import threading
 
-    from snapfs.source import Claim
+    from snapfs.claims import Claim
     base, st = claims
     base.mkdir()
     stale = Claim.file_for(st)
@@ -138,8 +138,8 @@ def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch
     open and its lock: the claim must not be written into the unlinked file."""
     import fcntl
 
-    import snapfs.source
-    from snapfs.source import Claim
+    import snapfs.claims
+    from snapfs.claims import Claim
     base, st = claims
     base.mkdir()
     stale = Claim.file_for(st)
@@ -152,17 +152,17 @@ def test_a_claim_file_unlinked_as_it_is_locked_is_made_again(claims, monkeypatch
         calls.append(op)
         return fcntl.flock(fd, op)
 
-    monkeypatch.setattr(snapfs.source, "fcntl", type("F", (), {"flock": staticmethod(flock),
+    monkeypatch.setattr(snapfs.claims, "fcntl", type("F", (), {"flock": staticmethod(flock),
                         **{k: getattr(fcntl, k) for k in ("LOCK_EX", "LOCK_SH", "LOCK_NB")}}))
-    monkeypatch.setattr(snapfs.source, "_remove_stale", lambda base: None)
+    monkeypatch.setattr(snapfs.claims, "_remove_stale", lambda base: None)
     claim = Claim.take(st, "/new")
-    monkeypatch.setattr(snapfs.source, "fcntl", fcntl)
+    monkeypatch.setattr(snapfs.claims, "fcntl", fcntl)
     assert_claimed_by_us(claim, st)
 
 
 def assert_claimed_by_us(claim, st) -> None:
     """``claim`` was taken, and its file names this process and "/new"; released."""
-    from snapfs.source import Claim
+    from snapfs.claims import Claim
     try:
         assert claim is not None
         assert Claim.read(st) == {"mountpoint": "/new", "pid": os.getpid()}

@@ -16,7 +16,7 @@ import snapfs
 LAYERS = [
     "errors", "params", "commands", "osutil", "blockdev", "mountinfo",           # leaves
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
-    "guard", "freeze",
+    "guard", "freeze", "claims",
     "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "cbtstate", "registry", "control",                              # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
