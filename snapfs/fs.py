@@ -438,8 +438,8 @@ class Operations(BaseOperations):
         self.stopping = False
         self._data_closed = trio.Event()
 
-    def serve(self, registry: Registry) -> "Operations":
-        """Show ``registry`` (built with this object as its listener)."""
+    def show(self, registry: Registry) -> "Operations":
+        """Show ``registry`` (built with this object as its listener); returns self."""
         self.registry = registry
         return self
 

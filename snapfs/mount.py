@@ -146,7 +146,7 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
     except BaseException:
         registry.close_sources()
         raise
-    return registry, ops.serve(registry), state
+    return registry, ops.show(registry), state
 
 
 async def _tune_connection(registry: Registry, kib: int) -> None:

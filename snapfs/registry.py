@@ -35,7 +35,7 @@ from .events import EventLog
 from .guard import Guard
 from .namespace import SAME, View
 from .params import Params
-from .snapshot import Snapshot, check_addable, take
+from .snapshot import Snapshot, check_addable, point_in_time
 from .source import Source
 from .tracker import Tracker
 from .workers import InFlight
@@ -257,7 +257,7 @@ class Registry:
         snap.add(self.device(name))   # re-checks: the registry may have changed meanwhile
 
     async def take(self, snap_id: str, nofreeze: bool) -> list[str]:
-        """The point in time (snapshot.take); returns the mount points frozen."""
+        """Take the snapshot (snapshot.point_in_time); returns the mount points frozen."""
         snap = self.snapshot(snap_id)
         if snap.taking:
             raise SnapfsError(errno.EALREADY, f"snapshot {snap_id} is being taken")
@@ -265,7 +265,7 @@ class Registry:
         try:
             with self.takes.using():
                 await self.check_storage(snap)
-                frozen = await take(snap, lambda: self._device_files(snap), nofreeze=nofreeze)
+                frozen = await point_in_time(snap, lambda: self._device_files(snap), nofreeze=nofreeze)
         finally:
             snap.taking = False
         log.info("took snapshot %s (writes held %.3f ms)", snap_id, snap.last_take_block_ns / 1e6)

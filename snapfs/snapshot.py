@@ -3,7 +3,7 @@
 Lifecycle: created (devices may be added) -> taken (images exist, COW on) ->
 destroyed (images gone, COW off, storage freed; tracking goes on).
 
-Take (docs/design.md section 5), in ``take``:
+Take (docs/design.md section 5), in ``point_in_time``:
     1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
        serving the flush);
     2. close every member's write gate and wait for admitted writes;
@@ -149,10 +149,11 @@ def check_addable(tracker: Tracker, snap: Snapshot | None) -> None:
         raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
 
 
-async def take(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
-               nofreeze: bool = False) -> list[str]:
-    """Take ``snap`` (module docstring). ``device_files`` returns the (st_dev, st_ino)
-    of the member device files, for finding stacked filesystems (called in a thread).
+async def point_in_time(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],
+                        nofreeze: bool = False) -> list[str]:
+    """Take ``snap``: freeze, hold writes, switch, thaw (module docstring).
+    ``device_files`` returns the (st_dev, st_ino) of the member device files, for
+    finding stacked filesystems (called in a thread).
 
     Returns the mount points frozen. Raises SnapfsError: EALREADY taken, ENODEV no
     devices, ESRCH destroyed meanwhile; nothing is changed then.

@@ -30,7 +30,7 @@ class Env:
         self.invalidated: list[int] = []
         self.ops = Operations(0, 0, invalidate=self.invalidated.append)
         self.reg = Registry(PARAMS, listener=self.ops)
-        self.ops.serve(self.reg)
+        self.ops.show(self.reg)
         self.data = make_device(tmp_path / "d0.img", MiB, seed=3)
         os.chmod(tmp_path / "d0.img", 0o640)
         self.reg.add_device("d0", Source.open(str(tmp_path / "d0.img")))
@@ -145,7 +145,7 @@ async def test_image_group_reads_images_and_cbt_but_never_writes(tmp_path):
     the images writable by the backup group; device files keep the source's group."""
     ops = Operations(0, 0, invalidate=lambda inode: None, image_group=64123)
     reg = Registry(PARAMS, listener=ops)
-    ops.serve(reg)
+    ops.show(reg)
     make_device(tmp_path / "d0.img", MiB, seed=3)
     os.chmod(tmp_path / "d0.img", 0o660)
     reg.add_device("d0", Source.open(str(tmp_path / "d0.img")))

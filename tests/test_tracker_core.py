@@ -61,7 +61,7 @@ async def test_gate_holds_writes_until_open(tmp_path):
 async def test_take_does_not_fsync_the_sources(tmp_path):
     """Take never fsyncs (snapshot.py docstring: it stalled writers 28-45 ms); the image
     is right without it, from the page cache the source shares."""
-    from snapfs.snapshot import take
+    from snapfs.snapshot import point_in_time
 
     tracker, snap, data = make(tmp_path)
 
@@ -69,7 +69,7 @@ async def test_take_does_not_fsync_the_sources(tmp_path):
         raise AssertionError("take called fsync on a source")
 
     tracker.source.fsync = failing_fsync
-    frozen = await take(snap, set, nofreeze=True)
+    frozen = await point_in_time(snap, set, nofreeze=True)
     assert frozen == []
     assert snap.taken and tracker.area is snap.areas["d"]
     await tracker.write(0, b"x" * 100)
