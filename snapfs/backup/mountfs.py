@@ -8,8 +8,10 @@ as restore checks it) and keep the last ``cache_chunks`` of them (an LRU), so
 without restoring the image. Points made while mounted appear at the next listing;
 a point pruned while mounted answers EIO on read (gc does not wait for the mount).
 
-Errors become FUSEError in one place (``_fuse_errors``): a damaged chunk is EIO and a
-log line naming point, device and offset; anything unexpected is logged and EIO.
+One small class per kind of entry (``RootDir``, ``PointDir``, ``DeviceFile``), as in
+fs.py; ``BackupFS`` only dispatches to them. Errors become FUSEError in one place
+(``_fuse_errors``, fusecommon.py): a damaged chunk is EIO and a log line naming point,
+device and offset; anything unexpected is logged and EIO.
 """
 
 import errno
@@ -42,107 +44,162 @@ class OpenDevice:
         self.point, self.name, self.size, self.digests = point, name, size, digests
 
 
+# ----- one small class per kind of entry (as in fs.py) ------------------------------------
+
+class Entry:
+    """One name in the mount. ``key`` identifies it (an inode number per key, never
+    reused); the manifests it reads are the mount's current ones (``BackupFS.manifests``),
+    so an entry whose point was pruned is no longer ``alive``."""
+
+    key: tuple = ()
+
+    def alive(self, fs: "BackupFS") -> bool:
+        return True
+
+    def fill(self, fs: "BackupFS", a: pyfuse3.EntryAttributes) -> None:
+        """Mode, links, size and times."""
+        raise NotImplementedError
+
+    def children(self, fs: "BackupFS") -> "list[Entry]":
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def open(self, fs: "BackupFS", flags: int) -> OpenDevice:
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+
+def _times(a: pyfuse3.EntryAttributes, manifest: dict | None) -> None:
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int((manifest["unix_time"] if manifest else 0) * 1e9)
+
+
+class RootDir(Entry):
+    """MNT: one directory per point."""
+
+    def fill(self, fs, a):
+        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o500, 2
+        _times(a, None)
+
+    def children(self, fs):
+        return [PointDir(p) for p in sorted(fs.manifests)]
+
+
+class PointDir(Entry):
+    """MNT/POINT: one file per device of the point."""
+
+    def __init__(self, point: str):
+        self.point, self.key = point, (point,)
+
+    def alive(self, fs):
+        return self.point in fs.manifests
+
+    def fill(self, fs, a):
+        a.st_mode, a.st_nlink = stat.S_IFDIR | 0o500, 2
+        _times(a, fs.manifests[self.point])
+
+    def children(self, fs):
+        return [DeviceFile(self.point, n) for n in sorted(fs.manifests[self.point]["devices"])]
+
+
+class DeviceFile(Entry):
+    """MNT/POINT/NAME: device NAME as of POINT, read-only, of the device's size."""
+
+    def __init__(self, point: str, name: str):
+        self.point, self.name, self.key = point, name, (point, name)
+
+    def alive(self, fs):
+        return self.point in fs.manifests and self.name in fs.manifests[self.point]["devices"]
+
+    def fill(self, fs, a):
+        manifest = fs.manifests[self.point]
+        a.st_mode, a.st_nlink = stat.S_IFREG | 0o400, 1
+        a.st_size = manifest["devices"][self.name]["size"]
+        a.st_blocks = -(-a.st_size // 512)
+        _times(a, manifest)
+
+    async def open(self, fs, flags):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        manifest = fs.manifests[self.point]
+        digests = await trio.to_thread.run_sync(fs.repo.read_index, manifest, self.name, digest_of)
+        return OpenDevice(self.point, self.name, manifest["devices"][self.name]["size"], digests)
+
+
 class BackupFS(BaseOperations):
-    """Inodes: ROOT, one per point directory, one per (point, device) file; numbers are
-    handed out once per key and never reused."""
+    """Dispatches to the entries (above) and the open devices; an inode table of
+    entries by key, numbers handed out once per key and never reused. The root's
+    getattr, lookup and opendir re-read the list of points."""
 
     def __init__(self, repo: Repo, cache_chunks: int = 16):
         super().__init__()
         self.repo, self.store = repo, ChunkStore(repo)
         self.cache: OrderedDict[bytes, bytes] = OrderedDict()
         self.cache_chunks = cache_chunks
-        self.keys: dict[int, tuple] = {ROOT: ()}
+        self.entries: dict[int, Entry] = {ROOT: RootDir()}
         self.inodes: dict[tuple, int] = {(): ROOT}
         self.manifests: dict[str, dict] = {}
         self.handles: dict[int, OpenDevice] = {}
         self.next_fh = 1
         self.uid, self.gid = os.geteuid(), os.getegid()
 
-    def inode(self, key: tuple) -> int:
-        if key not in self.inodes:
-            number = len(self.keys) + ROOT
-            self.inodes[key], self.keys[number] = number, key
-        return self.inodes[key]
+    def inode(self, entry: Entry) -> int:
+        if entry.key not in self.inodes:
+            number = len(self.entries) + ROOT
+            self.inodes[entry.key], self.entries[number] = number, entry
+        return self.inodes[entry.key]
 
     async def refresh(self) -> None:
         points = await trio.to_thread.run_sync(self.repo.points)
         self.manifests = {m["point"]: m for m in points}
 
-    def key_of(self, inode: int) -> tuple:
-        key = self.keys.get(inode)
-        if key is None or (key and key[0] not in self.manifests):
+    async def entry(self, inode: int) -> Entry:
+        """The live entry of ``inode`` (ENOENT if gone); the root re-reads the points."""
+        if inode == ROOT:
+            await self.refresh()
+        entry = self.entries.get(inode)
+        if entry is None or not entry.alive(self):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if len(key) == 2 and key[1] not in self.manifests[key[0]]["devices"]:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return key
+        return entry
 
-    def attrs(self, key: tuple) -> pyfuse3.EntryAttributes:
+    def attrs(self, entry: Entry) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = self.inode(key)
+        a.st_ino = self.inode(entry)
         a.st_uid, a.st_gid = self.uid, self.gid
         a.entry_timeout = a.attr_timeout = 1.0
         a.st_blksize = 1 << 20
-        if len(key) == 2:
-            manifest = self.manifests[key[0]]
-            a.st_mode, a.st_nlink = stat.S_IFREG | 0o400, 1
-            a.st_size = manifest["devices"][key[1]]["size"]
-            a.st_blocks = -(-a.st_size // 512)
-        else:
-            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o500, 2
-            manifest = self.manifests.get(key[0]) if key else None
-        when = int((manifest["unix_time"] if manifest else 0) * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = when
+        entry.fill(self, a)
         return a
-
-    def children(self, key: tuple) -> list[tuple]:
-        if not key:
-            return [(p,) for p in sorted(self.manifests)]
-        if len(key) == 1:
-            return [(key[0], n) for n in sorted(self.manifests[key[0]]["devices"])]
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
-        if inode == ROOT:
-            await self.refresh()
-        return self.attrs(self.key_of(inode))
+        return self.attrs(await self.entry(inode))
 
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        key = self.key_of(parent_inode)
-        if not key:
-            await self.refresh()
-        wanted = (*key, os.fsdecode(name))
-        if wanted not in self.children(key):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self.attrs(wanted)
+        wanted = os.fsdecode(name)
+        for child in (await self.entry(parent_inode)).children(self):
+            if child.key[-1] == wanted:
+                return self.attrs(child)
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_fuse_errors
     async def opendir(self, inode, ctx):
-        if inode == ROOT:
-            await self.refresh()
-        if len(self.key_of(inode)) == 2:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        (await self.entry(inode)).children(self)          # ENOTDIR for a file
         return inode
 
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
-        entries = self.children(self.key_of(fh))
-        for i, key in enumerate(entries[start_id:], start=start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(key[-1]), self.attrs(key), i + 1):
+        entry = self.entries[fh]
+        if not entry.alive(self):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entries = entry.children(self)
+        for i, child in enumerate(entries[start_id:], start=start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.key[-1]), self.attrs(child), i + 1):
                 break
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):
-        key = self.key_of(inode)
-        if len(key) != 2:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        manifest = self.manifests[key[0]]
-        digests = await trio.to_thread.run_sync(self.repo.read_index, manifest, key[1], digest_of)
+        device = await (await self.entry(inode)).open(self, flags)
         fh, self.next_fh = self.next_fh, self.next_fh + 1
-        self.handles[fh] = OpenDevice(key[0], key[1], manifest["devices"][key[1]]["size"], digests)
+        self.handles[fh] = device
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_fuse_errors
