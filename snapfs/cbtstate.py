@@ -11,7 +11,7 @@ temporary file, fsync, rename, fsync the directory). Contents::
              format        "snapfs-cbt"        (anything else: ignored)
              version       1
              source        {path, dev, ino, size, mtime_ns, kind}: the source's
-                           identity at the stop (tracker.Identity)
+                           identity at the stop (source.Identity)
              block_size    tracking block size in bytes
              block_count   number of blocks = bytes in each map
              generation_id UUID string

@@ -46,9 +46,10 @@ def stacked_mounts(files: set[tuple[int, int]]) -> tuple[list[str], list[str]]:
 def freeze(mountpoints: list[str]) -> list[tuple[str, int]]:
     """FIFREEZE each mount point; return (mountpoint, fd) of those frozen by us.
 
-    A filesystem already frozen (EBUSY) or unable to freeze (EOPNOTSUPP...) is
-    logged and skipped; on any other failure everything frozen so far is thawed and
-    the error propagates.
+    A filesystem whose FIFREEZE fails, whatever the errno (already frozen: EBUSY;
+    cannot freeze: EOPNOTSUPP), is logged and skipped: the take goes on with it not
+    frozen. When a mount point cannot be opened (OSError), or on cancellation,
+    everything frozen so far is thawed and the exception propagates.
     """
     frozen: list[tuple[str, int]] = []
     try:

@@ -7,15 +7,12 @@ Take (docs/design.md section 5), in ``point_in_time``:
     1. freeze filesystems stacked on member device files (worker thread, FUSE keeps
        serving the flush);
     2. close every member's write gate and wait for admitted writes;
-    3. (the founding contract's fsync of the sources: not done, see below);
+    3. (no fsync of the sources: a decision, docs/design.md section 5);
     4. ``switch``: one synchronous step, no await: build every diff area, switch every
        CBT, enable COW;
     5. open the gates; thaw (always, even on failure).
 Writes wait only during 2-4. A failure before 4 changes nothing; 4 builds everything
 that can fail (the areas) before it commits anything.
-
-Take does not fsync the sources: docs/design.md section 5 says why (a decision, with
-its measurements).
 """
 
 import errno

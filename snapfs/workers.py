@@ -111,8 +111,9 @@ _scratch = memoryview(bytearray(0))
 
 # The devices' requests before the images' (docs/concurrency.md rule 4). A backup copy
 # of an image streams large reads (the kernel's read-ahead keeps several in flight);
-# unbounded, they fill the thread pool, the disk queue and the trio thread, and the
-# workload's own requests on the devices wait behind them (docs/performance.md). So:
+# unbounded, they fill the AIO queue (or the thread pool, for what AIO cannot serve), the
+# disk queue and the trio thread, and the workload's own requests on the devices wait
+# behind them (docs/performance.md). So:
 # image reads at once: BULK_IDLE, and BULK_BUSY while the devices had a request within
 # the last DEVICE_WINDOW seconds; an image read does its work on the trio thread (its
 # start, and the reply once its data is in) only while no device request is ready to

@@ -1,6 +1,7 @@
-"""The module map (docs/design.md) as a rule: a module of snapfs imports only modules
-listed before it, so dependencies point one way (core below adapter below lifecycle)
-and the core never imports the FUSE layer. Every module must be in the map.
+"""The module map (docs/design.md) as a rule: the map lists the modules in this order,
+and a module of snapfs imports only modules listed before it, so dependencies point
+one way (core below adapter below lifecycle) and the core never imports the FUSE
+layer. Every module must be in the map.
 
 The backup package (snapfs/backup/) sits between ``fiemap`` and ``cli``: it talks to a
 mount only through ``client`` and may use the pure leaves (errors, params, cbt), never
@@ -8,6 +9,7 @@ the daemon (registry, control, fs, mount, ...); inside it, modules import only t
 listed before them in BACKUP, and only ``mountfs`` knows pyfuse3."""
 
 import ast
+import re
 from pathlib import Path
 
 import snapfs
@@ -106,3 +108,11 @@ def test_only_the_cli_imports_backup():
     users = [name for name in LAYERS if name not in ("backup", "cli")
              and "backup" in imported(PACKAGE / f"{name}.py")]
     assert not users, users
+
+
+def test_design_md_module_map_is_the_layer_order():
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    rows = re.findall(r"^\| `((?:backup/)?\w+\.py|backup/)` \|", text, re.M)
+    top = [r.removesuffix(".py").rstrip("/") for r in rows if not r.startswith("backup/") or r == "backup/"]
+    assert top == [m for m in LAYERS if m != "__main__"]
+    assert [r[len("backup/"):-3] for r in rows if r.startswith("backup/") and r != "backup/"] == BACKUP
