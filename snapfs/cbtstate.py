@@ -1,4 +1,5 @@
-"""The on-disk state format: persisted CBT, defined and commented in this one place.
+"""The on-disk state format: persisted CBT and protected ranges, defined and
+commented in this one place.
 
 Layout::
 
@@ -17,6 +18,10 @@ temporary file, fsync, rename, fsync the directory). Contents::
              generation_id UUID string
              changes_number, active   0..255, 1..255 (cbt.py)
              sha256        hex digest of the two maps that follow
+             protect       optional (absent in files of snapfs before it, and
+                           ignored by them): the protected ranges, a list of
+                           [action, first sector, sector count], action "deny"
+                           or "audit" (protect.py)
     then     write_map     block_count bytes
     then     read_map      block_count bytes
 
@@ -25,7 +30,10 @@ running. So a file exists only if the last mount of that source stopped cleanly;
 after a crash there is none and the device starts a new generation. A file whose
 source identity (path, inode, size, mtime; for block devices path, rdev and size),
 block size, digest or header does not match is ignored with a warning: never trust
-a CBT that could hide a write.
+a CBT that could hide a write. Protected ranges are kept whenever the header is
+readable, names this source's path and size, and every range lies inside it (they
+say where writes must not go, which a changed content does not change); else they
+are dropped with a warning.
 """
 
 import contextlib
@@ -34,16 +42,26 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from typing import NamedTuple
 
 from .cbt import CBT
 from .osutil import replace_file
-from .params import Params, tracking_block_size
+from .params import SECTOR, Params, tracking_block_size
+from .protect import ACTIONS
 from .source import Identity, Source
 
 log = logging.getLogger(__name__)
 
 FORMAT = "snapfs-cbt"
 VERSION = 1
+
+
+class Restored(NamedTuple):
+    """What a state file kept of a source: its CBT (None: a new generation) and its
+    protected ranges (action, first sector, sector count)."""
+
+    cbt: CBT | None
+    rules: list[tuple[str, int, int]]
 
 
 class StateStore:
@@ -62,6 +80,12 @@ class StateStore:
     def load(self, source: Source) -> CBT | None:
         """The persisted CBT of ``source`` if it is trustworthy, else None (new
         generation). Never raises for bad files: they are logged and ignored."""
+        return self.restore(source).cbt
+
+    def restore(self, source: Source) -> Restored:
+        """The persisted CBT of ``source`` if it is trustworthy, else None (new
+        generation), and its protected ranges (module docstring). Never raises for
+        bad files: they are logged and ignored."""
         path = self.path_for(source)
         try:
             with open(path, "rb") as f:
@@ -69,19 +93,20 @@ class StateStore:
         except FileNotFoundError:
             log.info("no saved CBT for %s (first mount or unclean stop): new generation",
                      source.path)
-            return None
+            return Restored(None, [])
         except OSError as exc:
             log.warning("cannot read CBT state %s: %s", path, exc)
-            return None
+            return Restored(None, [])
         self._loaded.append(path)
         if self.running:       # a run-time attach: the file is consumed at once
             self.consume()
+        rules = _decode_rules(data, source, path)
         try:
-            return self._decode(data, source)
+            return Restored(self._decode(data, source), rules)
         except Exception as exc:   # any malformed file: never trust it, never crash
             log.warning("ignoring CBT state %s for %s: %s: %s; new generation",
                         path, source.path, type(exc).__name__, exc)
-            return None
+            return Restored(None, rules)
 
     def _decode(self, data: bytes, source: Source) -> CBT:
         header_end = data.index(b"\n")
@@ -127,8 +152,9 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path_for(source))
 
-    def save(self, source: Source, cbt: CBT) -> None:
-        """Write the CBT of ``source`` atomically (after the source was fsynced)."""
+    def save(self, source: Source, cbt: CBT, rules: list[tuple[str, int, int]] = ()) -> None:
+        """Write the CBT and protected ranges (action, first sector, sector count) of
+        ``source`` atomically (after the source was fsynced)."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         maps = bytes(cbt.write_map) + bytes(cbt.read_map)
         header = {
@@ -139,8 +165,32 @@ class StateStore:
             "changes_number": cbt.changes_number, "active": cbt.active,
             "sha256": hashlib.sha256(maps).hexdigest(),
         }
+        if rules:
+            header["protect"] = [list(rule) for rule in rules]
         path = self.path_for(source)
         replace_file(path, [json.dumps(header).encode() + b"\n", maps], path + ".tmp", mode=0o600)
+
+
+def _decode_rules(data: bytes, source: Source, path: str) -> list[tuple[str, int, int]]:
+    """The protected ranges of a state file's header (module docstring); [] when it
+    has none or they cannot be trusted to fit this source (logged)."""
+    try:
+        h = json.loads(data[: data.index(b"\n")])
+        saved = h.get("protect", [])
+        if not saved:
+            return []
+        was = h["source"]
+        if h.get("format") != FORMAT or (was["path"], was["size"]) != (source.path, source.size):
+            raise ValueError("the header names another source or size")
+        rules = [(str(a), int(first), int(count)) for a, first, count in saved]
+        for action, first, count in rules:
+            if action not in ACTIONS or first < 0 or count <= 0 or (first + count) * SECTOR > source.size:
+                raise ValueError(f"bad range {action} {first}:{count}")
+        return rules
+    except Exception as exc:   # any malformed header: drop the rules, never crash
+        log.warning("dropping the protected ranges saved in %s for %s: %s: %s",
+                    path, source.path, type(exc).__name__, exc)
+        return []
 
 
 def _same_identity(saved: dict, now: Identity) -> bool:

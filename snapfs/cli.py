@@ -222,8 +222,13 @@ def cmd_markdirtyblock(args) -> int:
 def cmd_watch(args) -> int:
     """Follow snapshots/ID/events until the snapshot is destroyed: non-blocking reads
     and poll(), so Ctrl-C or any signal ends it at once (a blocking read would hold
-    the process in the kernel until the daemon answers)."""
+    the process in the kernel until the daemon answers). ``--audit``: follow the
+    audit log instead (``watch_audit``)."""
+    if args.audit == bool(args.id):
+        raise SnapfsError(errno.EINVAL, "watch takes either a snapshot ID or --audit")
     mount = find_mount(args.mount)
+    if args.audit:
+        return watch_audit(mount, args.json)
     path = os.path.join(mount, "snapshots", args.id, "events")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -242,6 +247,56 @@ def cmd_watch(args) -> int:
         os.close(fd)
     print(f"snapshot {args.id} destroyed", flush=True)
     return 0
+
+
+AUDIT_POLL = 0.25     # seconds between looks at MOUNT/audit once at its end
+
+
+def watch_audit(mount: str, as_json: bool) -> int:
+    """Follow MOUNT/audit as ``tail -F`` does, from its start, across rotations (a
+    rotated file keeps its bytes under a new name and the new file has a new inode:
+    read the old one to its end, then open the new one), until the mount goes away."""
+    path = os.path.join(mount, "audit")
+    fd, inode = -1, None              # the inode as of the stat before the open: a
+    try:                              # rotated file's own stat fails (ENOENT)
+        while True:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return 0                  # the mount is gone
+            if st.st_ino == inode:
+                time.sleep(AUDIT_POLL)
+            if fd >= 0:
+                print_lines(fd, as_json)  # to its end; a rotated file grows no more
+            if st.st_ino != inode:
+                if fd >= 0:
+                    os.close(fd)
+                fd, inode = os.open(path, os.O_RDONLY | os.O_CLOEXEC), st.st_ino
+                print_lines(fd, as_json)
+    except OSError as exc:
+        raise SnapfsError.from_oserror(exc, path) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def print_lines(fd: int, as_json: bool) -> None:
+    """The whole lines of an audit file from its offset to its end (a partial line
+    stays unread: the file offset is moved back to its start)."""
+    while chunk := os.read(fd, 65536):
+        whole = chunk[: chunk.rfind(b"\n") + 1]
+        if len(whole) < len(chunk):
+            os.lseek(fd, len(whole) - len(chunk), os.SEEK_CUR)
+        for line in whole.splitlines():
+            print(line.decode() if as_json else format_audit(json.loads(line)), flush=True)
+        if not whole:
+            return
+
+
+def format_audit(line: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line["time"] / 1e9))
+    return (f"{when} {line['device']} sectors {line['sector']}:{line['count']} "
+            f"pid {line['pid']} uid {line['uid']}")
 
 
 def follow(fd: int):
@@ -364,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint")
     m.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE")
     for f in dataclasses.fields(Params):
-        size = f.name.endswith("_minimum")
+        size = f.name.endswith(("_minimum", "_size"))
         m.add_argument("--" + f.name.replace("_", "-"), type=arg_type(parse_size) if size else int,
                        default=f.default,
                        help=f"{PARAM_HELP[f.name]} (default: {size_text(f.default) if size else f.default})")
@@ -400,9 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=DefaultsHelp)
     s.set_defaults(func=cmd_status)
 
-    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy",
-                       formatter_class=DefaultsHelp)
-    w.add_argument("id")
+    w = sub.add_parser("watch", parents=[common], help="follow a snapshot's events until destroy, "
+                       "or with --audit the audit log of protected ranges", formatter_class=DefaultsHelp)
+    w.add_argument("id", nargs="?", help="snapshot id")
+    w.add_argument("--audit", action="store_true", help="follow MOUNT/audit (from its start) instead")
     w.set_defaults(func=cmd_watch)
 
     cc = sub.add_parser("cbt-changes", parents=[common], formatter_class=DefaultsHelp,
@@ -426,6 +482,7 @@ PARAM_HELP = {
     "tracking_block_maximum_count": "at most this many CBT blocks per device: larger devices get "
                                     "larger blocks",
     "diff_storage_minimum": "difference storage grows in steps of this size",
+    "audit_file_size": "MOUNT/audit is rotated to MOUNT/audit.1 when it would grow past this size",
 }
 
 

@@ -54,6 +54,16 @@ def parse_range(text: str, capacity: int = 1 << 63) -> tuple[int, int]:
     return offset, length
 
 
+ACTIONS = ("deny", "audit")       # of a protected range (protect.py)
+
+
+def parse_action(text: str) -> str:
+    """``deny`` or ``audit`` (EINVAL)."""
+    if text not in ACTIONS:
+        raise SnapfsError(errno.EINVAL, f"bad action {text[:64]!r}: use deny or audit")
+    return text
+
+
 def parse_timeout(text: str) -> int:
     """A snapshot_waitevent timeout: milliseconds, at most MAX_TIMEOUT_MS (EINVAL)."""
     return parse_number(text, "timeout (milliseconds)", MAX_TIMEOUT_MS)
@@ -76,6 +86,8 @@ STORAGE = Kind("STORAGE", lambda w: check_path(w, "storage"), path=True)
 LIMIT = Kind("LIMIT", parse_size)
 RANGE = Kind("SECTOR:COUNT", lambda w: (parse_range(w), w)[1])     # checked against the device later
 TIMEOUT = Kind("TIMEOUT_MS", parse_timeout)
+ACTION = Kind("ACTION", parse_action)
+PROTECTED = Kind("RANGE", lambda w: w if w == "all" else (parse_range(w), w)[1])   # SECTOR:COUNT or all
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,18 @@ COMMANDS: dict[str, Command] = _commands(
             "mark 512-byte sector ranges changed",
             "marks 512-byte sector ranges changed in both CBT maps",
             "ENOENT; EINVAL malformed or outside the device"),
+    Command("protect", (Arg("name", NAME), Arg("action", ACTION, help="deny or audit"),
+                        Arg("ranges", PROTECTED, many=MAX_RANGES, help="SECTOR:COUNT..., or all")),
+            "deny: writes overlapping the sector ranges fail with EPERM; audit: they are logged to "
+            "MOUNT/audit",
+            "ACTION `deny` or `audit` on 512-byte sector ranges, RANGE `SECTOR:COUNT` or `all` (the "
+            "whole device) (§4 Protected ranges); `{\"protected\": [...]}`",
+            "ENOENT device; EINVAL malformed, outside the device, bad action, ranges overlapping each "
+            "other; EEXIST a range overlaps a rule; ENOSPC more than 65536 rules"),
+    Command("unprotect", (Arg("name", NAME), Arg("ranges", RANGE, many=MAX_RANGES, optional=True)),
+            "remove protected sector ranges (all without ranges)",
+            "removes those sectors from the rules (a rule partly covered keeps the rest), or every rule",
+            "ENOENT device, no rule, or a range touching none; EINVAL malformed or outside"),
     Command("snapshot_create", (Arg("storage", STORAGE), Arg("limit", LIMIT),
                                 Arg("names", NAME, many=MAX_NAMES, optional=True)),
             "new snapshot, prints its id",

@@ -83,6 +83,19 @@ async def _markdirtyblock(reg: Registry, name: str, ranges: list[str]) -> dict:
     return {"ranges": len(ranges)}
 
 
+async def _protect(reg: Registry, name: str, action: str, ranges: list[str]) -> dict:
+    tracker = reg.device(name)
+    whole = [(0, tracker.capacity)] if ranges == ["all"] else None
+    reg.protect(tracker, action, whole or [parse_range(r, tracker.capacity) for r in ranges])
+    return {"protected": tracker.protected()}
+
+
+async def _unprotect(reg: Registry, name: str, ranges: list[str]) -> dict:
+    tracker = reg.device(name)
+    reg.unprotect(tracker, [parse_range(r, tracker.capacity) for r in ranges] if ranges else None)
+    return {"protected": tracker.protected()}
+
+
 async def _snapshot_create(reg: Registry, storage: str, limit: int, names: list[str], view: View) -> dict:
     snap = await reg.create(storage, limit, names, view)
     return {"id": snap.id}
@@ -130,7 +143,8 @@ async def _stop(reg: Registry, force: bool) -> dict:
 # fields; a Command with ``view`` also gets ``view=`` (the sender: namespace.py, its pid)
 VERBS: dict[str, Callable[..., Awaitable[dict]]] = {
     "version": _version, "status": _status, "attach": _attach, "detach": _detach, "cbtinfo": _cbtinfo,
-    "markdirtyblock": _markdirtyblock, "snapshot_create": _snapshot_create, "snapshot_add": _snapshot_add,
+    "markdirtyblock": _markdirtyblock, "protect": _protect, "unprotect": _unprotect,
+    "snapshot_create": _snapshot_create, "snapshot_add": _snapshot_add,
     "snapshot_take": _snapshot_take, "snapshot_destroy": _snapshot_destroy,
     "snapshot_collect": _snapshot_collect, "snapshot_info": _snapshot_info,
     "snapshot_waitevent": _snapshot_waitevent, "stop": _stop,

@@ -1,10 +1,10 @@
 """The pyfuse3 adapter: one small class per kind of file, an inode table, and
 ``Operations``, which only dispatches to them and maps errors in one place.
 
-Tree (docs/design.md): ``control``, ``status``, ``devices/NAME``,
+Tree (docs/design.md): ``control``, ``status``, ``audit``, ``audit.1``, ``devices/NAME``,
 ``snapshots/ID/{NAME,info,events}``, ``cbt/NAME/{info,map}``. Each entry is an object
 of a kind below (``DeviceFile``, ``ImageFile``, ``JsonFile``, ``ControlFile``,
-``EventsFile``, ``CbtMapFile``; ``RootDir``, ``ListingDir``, ``SnapshotDir``,
+``EventsFile``, ``CbtMapFile``, ``AuditFile``; ``RootDir``, ``ListingDir``, ``SnapshotDir``,
 ``CbtDeviceDir``); its ``key`` (kind, objects)
 identifies it. Children are computed from the registry on every lookup; inode
 numbers are handed out once per key and never reused. A node whose entry is gone
@@ -33,6 +33,7 @@ from . import control, ioprio, procs, workers
 from .errors import SnapfsError
 from .fusecommon import BaseOperations, fuse_errors
 from .namespace import View
+from .protect import AuditLog, Writer
 from .registry import INTERRUPT_CHECK, Registry
 from .snapshot import Snapshot
 from .tracker import Tracker
@@ -93,6 +94,18 @@ class BlockHandle(Handle):
             self.on_release()
 
 
+class DeviceHandle(BlockHandle):
+    """A device: writes carry who opened the handle (``writer``: FUSE's pid and uid
+    of the open; pyfuse3 gives a write no request context) for protected ranges."""
+
+    def __init__(self, target, sync, on_release, writer: Writer):
+        super().__init__(target, sync, on_release)
+        self.writer = writer
+
+    async def write(self, offset, data):
+        return await self.target.write(offset, data, self.writer)
+
+
 class ImageHandle(BlockHandle):
     """A snapshot image: direct I/O (``direct_io``), no page cache and no kernel
     read-ahead, so a backup's copy does not fill the page cache with the image nor
@@ -104,13 +117,14 @@ class ImageHandle(BlockHandle):
 
 
 class ContentHandle(Handle):
-    """status, info, cbt info: JSON frozen at open; the CBT map: bytes frozen at open."""
+    """status, info, cbt info: JSON frozen at open; the CBT map: bytes frozen at open;
+    an audit file: its bytearray, read as it grows (until it is rotated out)."""
 
-    def __init__(self, content: bytes):
+    def __init__(self, content: bytes | bytearray):
         self.content = content
 
     async def read(self, offset, size):
-        return self.content[offset : offset + size]
+        return bytes(self.content[offset : offset + size])
 
 
 class ControlHandle(Handle):
@@ -246,7 +260,10 @@ class RootDir(Dir):
     key = ("root",)
 
     def children(self, registry):
+        audit = registry.audit
+        previous = {"audit.1": AuditFile(audit, audit.generation - 1)} if audit.previous is not None else {}
         return {"control": ControlFile(), "status": JsonFile(("status",), registry.status),
+                "audit": AuditFile(audit, audit.generation), **previous,
                 "devices": ListingDir("devices", "devices", DeviceFile),
                 "snapshots": ListingDir("snapshots", "snapshots", SnapshotDir),
                 "cbt": ListingDir("cbt", "devices", CbtDeviceDir)}
@@ -300,7 +317,7 @@ class DeviceFile(Entry):
         def release() -> None:
             t.open_handles -= 1
 
-        return BlockHandle(t, t.sync, release)
+        return DeviceHandle(t, t.sync, release, Writer(ctx.pid, ctx.uid))
 
 
 class ImageFile(Entry):
@@ -359,6 +376,24 @@ class CbtMapFile(ReadOnlyFile):
 
     def handle(self, ops, flags, pid=0):
         return ContentHandle(bytes(self.tracker.cbt.read_map))
+
+
+class AuditFile(ReadOnlyFile):
+    """``audit`` (the current generation of the log) or ``audit.1`` (the one before):
+    0400 to the mount's owner; a new inode at each rotation, so ``tail -F`` follows."""
+
+    def __init__(self, audit: AuditLog, generation: int):
+        self.audit, self.generation, self.key = audit, generation, ("audit", audit, generation)
+
+    def _content(self) -> bytearray:
+        current = self.generation == self.audit.generation
+        return self.audit.current if current else self.audit.previous or bytearray()
+
+    def attrs(self):
+        return Attrs(stat.S_IFREG | 0o400, len(self._content()))
+
+    def handle(self, ops, flags, pid=0):
+        return ContentHandle(self._content())
 
 
 class EventsFile(ReadOnlyFile):

@@ -315,7 +315,7 @@ def stop_cleanly(registry: Registry, state: StateStore) -> None:
     for tracker in registry.devices.values():
         try:
             tracker.source.fsync()
-            state.save(tracker.source, tracker.cbt)
+            state.save(tracker.source, tracker.cbt, tracker.rules.listing() if tracker.rules else [])
         except OSError as exc:
             log.error("saving CBT of %s failed: %s (next mount: new generation)", tracker.name, exc)
         tracker.source.close()

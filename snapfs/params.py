@@ -60,6 +60,7 @@ class Params:
     tracking_block_minimum: int = 64 * KiB
     tracking_block_maximum_count: int = 2_097_152
     diff_storage_minimum: int = 1 * GiB
+    audit_file_size: int = 4 * MiB       # MOUNT/audit is rotated at this size (protect.py)
 
     def validate(self) -> "Params":
         """Check ranges; raise SnapfsError(EINVAL) naming the bad tunable."""
@@ -74,6 +75,8 @@ class Params:
             raise SnapfsError(errno.EINVAL, "tracking block maximum count must be positive")
         if self.diff_storage_minimum < 2 * self.chunk_minimum:
             raise SnapfsError(errno.EINVAL, "diff storage minimum must hold at least two chunks")
+        if not 4 * KiB <= self.audit_file_size <= 1 * GiB:
+            raise SnapfsError(errno.EINVAL, "audit file size must be from 4K to 1G")
         return self
 
 

@@ -6,7 +6,8 @@ status. Knows nothing of FUSE or of command lines: ``control.py`` parses command
 and calls these methods, ``fs.py`` shows ``devices`` and ``snapshots``.
 
 Collaborators are given at construction, as small interfaces:
-    cbt_store: ``load(source) -> CBT | None`` and ``forget(source)`` (cbtstate.py);
+    cbt_store: ``restore(source) -> Restored`` (the CBT or None, the protected
+               ranges) and ``forget(source)`` (cbtstate.py);
     listener:  ``events_changed()`` after any event of any snapshot, and
                ``async snapshot_destroyed(snap)`` once a snapshot is gone (fs.py drops
                cached image pages there).
@@ -26,7 +27,7 @@ from typing import Protocol
 import trio
 
 from . import __version__, workers
-from .cbt import CBT
+from .cbtstate import Restored
 from .commands import check_name
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
@@ -34,7 +35,8 @@ from .errors import SnapfsError
 from .events import EventLog
 from .guard import Guard
 from .namespace import SAME, View
-from .params import Params
+from .params import SECTOR, Params
+from .protect import AuditLog, Rules, ranges_text
 from .snapshot import Snapshot, check_addable, point_in_time
 from .source import Source
 from .tracker import Tracker
@@ -46,7 +48,7 @@ INTERRUPT_CHECK = 0.2   # seconds between looks whether a waiting sender was sig
 
 
 class CbtStore(Protocol):
-    def load(self, source: Source) -> CBT | None: ...
+    def restore(self, source: Source) -> Restored: ...
     def forget(self, source: Source) -> None: ...
 
 
@@ -56,8 +58,8 @@ class Listener(Protocol):
 
 
 class _NoStore:
-    def load(self, source: Source) -> None:
-        return None
+    def restore(self, source: Source) -> Restored:
+        return Restored(None, [])
 
     def forget(self, source: Source) -> None:
         pass
@@ -84,6 +86,7 @@ class Registry:
         self.cbt_store = cbt_store or _NoStore()
         self.listener = listener or _NoListener()
         self._nursery: trio.Nursery | None = None
+        self.audit = AuditLog(params.audit_file_size)   # MOUNT/audit (protect.py)
         self.takes = InFlight()         # takes in progress: a stop waits for their freeze
         self.stopping = False           # a stop began: commands are refused
         self.on_stop: Callable[[bool, str], None] | None = None   # the lifecycle's (stop.py)
@@ -134,7 +137,9 @@ class Registry:
         for other in self.devices.values():
             if other.source.same_as(source):
                 raise SnapfsError(errno.EEXIST, f"{source.path} is already attached as {other.name}")
-        tracker = Tracker(name, source, self.params, self.cbt_store.load(source))
+        restored = self.cbt_store.restore(source)
+        tracker = Tracker(name, source, self.params, restored.cbt)
+        self._restore_rules(tracker, restored.rules)
         self.devices[name] = tracker
         return tracker
 
@@ -185,6 +190,32 @@ class Registry:
         tracker = self.device(name)
         for offset, length in ranges:
             tracker.cbt.mark_both(offset, length)
+
+    def protect(self, tracker: Tracker, action: str, ranges: list[tuple[int, int]]) -> None:
+        """Protect byte ranges of a device (protect.Rules.add: all or none)."""
+        rules = tracker.rules or Rules(tracker.name, tracker.capacity, self.audit)
+        rules.add(action, ranges)
+        tracker.rules = rules
+        log.info("%s: %s %s", tracker.name, action, ranges_text(ranges))
+
+    def _restore_rules(self, tracker: Tracker, saved: list[tuple[str, int, int]]) -> None:
+        """Protected ranges saved at the last clean stop; one that no longer fits
+        is logged and dropped (cbtstate.py checked them against the source's size)."""
+        for action, first, count in saved:
+            try:
+                self.protect(tracker, action, [(first * SECTOR, count * SECTOR)])
+            except SnapfsError as exc:
+                log.warning("%s: saved %s range %d:%d dropped: %s", tracker.name, action, first, count, exc)
+
+    def unprotect(self, tracker: Tracker, ranges: list[tuple[int, int]] | None) -> None:
+        """Unprotect byte ranges of a device, or all of them (None); ENOENT when it
+        has no rule (protect.Rules.remove)."""
+        if tracker.rules is None:
+            raise SnapfsError(errno.ENOENT, f"{tracker.name} has no protected range")
+        tracker.rules.remove(ranges)
+        if not tracker.rules:
+            tracker.rules = None       # the write path tests only this
+        log.info("%s: unprotected %s", tracker.name, "all" if ranges is None else ranges_text(ranges))
 
     def close_sources(self) -> None:
         for tracker in self.devices.values():

@@ -1,7 +1,8 @@
 """Per device: the source, its CBT, the write path and the write gate.
 
 Write path (``write``), the one owner of a device write, once admitted by the gate:
-    1. clip to the device size (sizes are fixed);
+    1. clip to the device size (sizes are fixed); with protected ranges
+       (``rules``, protect.py), EPERM or an audit line;
     2. mark the CBT write map (before COW, so even a failed copy is tracked);
     3. if a snapshot is taken: ``DiffArea.before_write`` returns once every chunk the
        write touches is in the storage (or the image is corrupted: it never fails the
@@ -26,6 +27,7 @@ from .cbt import CBT
 from .diffarea import DiffArea
 from .errors import SnapfsError
 from .params import Params, tracking_block_size
+from .protect import NOBODY, Rules, Writer
 from .source import Source
 from .workers import InFlight
 
@@ -88,6 +90,7 @@ class Tracker:
         self.area: DiffArea | None = None
         self.snapshot_id: str | None = None
         self.gate = WriteGate()
+        self.rules: Rules | None = None     # None: no protected range (the write path's one test)
         self.open_handles = 0
         self.bytes_written = 0
         self.write_requests = 0
@@ -104,15 +107,17 @@ class Tracker:
             raise SnapfsError(errno.ENOSPC, f"write past the end of device {self.name}")
         return min(length, self.capacity - offset)
 
-    async def write(self, offset: int, data) -> int:
-        """Device write (see module docstring). Returns the bytes written."""
+    async def write(self, offset: int, data, writer: Writer = NOBODY) -> int:
+        """Device write by ``writer`` (see module docstring). Returns the bytes written."""
         self._check_attached()
         with workers.priority.request():
-            return await self._write(offset, data)
+            return await self._write(offset, data, writer)
 
-    async def _write(self, offset: int, data) -> int:
+    async def _write(self, offset: int, data, writer: Writer) -> int:
         async with self.gate.admitted():
             n = self._clip(offset, len(data))
+            if self.rules is not None:
+                self.rules.admit(offset, n, writer)
             self.cbt.mark(offset, n)
             if self.area is not None:
                 await self.area.before_write(offset, n)
@@ -124,10 +129,13 @@ class Tracker:
             self.write_requests += 1
             return n
 
-    async def discard(self, offset: int, length: int) -> None:
-        """DISCARD / punch-hole counts as a write: CBT mark and COW, then deallocate."""
+    async def discard(self, offset: int, length: int, writer: Writer = NOBODY) -> None:
+        """DISCARD / punch-hole counts as a write: protected ranges, CBT mark and COW,
+        then deallocate."""
         async with self.gate.admitted():
             n = self._clip(offset, length)
+            if self.rules is not None:
+                self.rules.admit(offset, n, writer)
             self.cbt.mark(offset, n)
             if self.area is not None:
                 await self.area.before_write(offset, n)
@@ -166,6 +174,11 @@ class Tracker:
         await area.write(offset, memoryview(data)[:n])
         return n
 
+    def protected(self) -> list[dict]:
+        """The protected ranges, as ``status`` and the protect commands show them."""
+        listing = self.rules.listing() if self.rules else []
+        return [{"action": a, "sector": s, "count": c} for a, s, c in listing]
+
     def statistics(self) -> dict:
         cbt = self.cbt
         return {
@@ -177,5 +190,7 @@ class Tracker:
             "open_handles": self.open_handles,
             "snapshot": self.snapshot_id,
             "cow_copies": self.area.cow_copies if self.area else 0,
+            "protected": self.protected(),
+            "denied_writes": self.rules.denied if self.rules else 0,
             "cbt": cbt.info() | {"active": cbt.active},
         }

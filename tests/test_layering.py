@@ -19,7 +19,7 @@ LAYERS = [
     "errors", "params", "commands", "osutil", "blockdev", "mountinfo",           # leaves
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
     "guard", "freeze", "claims",
-    "source", "cbt", "events", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
+    "source", "cbt", "events", "protect", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "cbtstate", "registry", "control",                              # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI

@@ -48,7 +48,7 @@ def daemon_mount(tmp_path, disk) -> tuple[str, int]:
                     "--log-file", str(tmp_path / "log"), mnt, f"d={disk}")
     assert result.returncode == 0, result.stderr
     # ready means ready: no polling before the first use
-    assert sorted(os.listdir(mnt)) == ["cbt", "control", "devices", "snapshots", "status"]
+    assert sorted(os.listdir(mnt)) == ["audit", "cbt", "control", "devices", "snapshots", "status"]
     status = snapfs("status", "-m", mnt, "--json")
     return mnt, json.loads(status.stdout)["pid"]
 

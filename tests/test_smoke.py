@@ -12,7 +12,7 @@ pytestmark = requires_fuse
 def test_mount_take_read_destroy(mounter, device, storage_dir):
     path, content = device
     m = mounter({"d0": path})
-    assert sorted(os.listdir(m.path)) == ["cbt", "control", "devices", "snapshots", "status"]
+    assert sorted(os.listdir(m.path)) == ["audit", "cbt", "control", "devices", "snapshots", "status"]
     assert os.path.getsize(m.dev("d0")) == len(content)
     snap = m.snapshot(storage_dir, "64M", "d0")
     fd = os.open(m.dev("d0"), os.O_WRONLY)

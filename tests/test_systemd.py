@@ -22,7 +22,7 @@ from helpers import FUSERMOUNT, MiB, bounded, is_mounted, make_device, requires_
 pytestmark = requires_fuse
 
 UNIT = Path(__file__).parent.parent / "tools" / "systemd" / "snapfs@.service"
-LISTING = ["cbt", "control", "devices", "snapshots", "status"]
+LISTING = ["audit", "cbt", "control", "devices", "snapshots", "status"]
 
 
 def service_lines(key: str) -> list[str]:
