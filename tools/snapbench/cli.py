@@ -40,6 +40,11 @@ Backup (fourth table, ``snapbench/backup.py``; --no-backup skips it, --backup-on
 only it): ``snapfs backup`` against ``borg create`` and ``dd`` on one uncached
 --backup-size device of mixed data: full, 1% incremental, restore, verify, repository size.
 
+Protected ranges (``snapbench/protect.py``; --no-protect skips it, --protect-only runs
+only it): page-cached 4 KiB random writes on a device without rules, snapfs of this
+checkout against --protect-baseline (default main) and with a rule elsewhere on the
+device, --protect-rounds interleaved rounds of --runtime s jobs.
+
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
 the scratch directory removed on every path, Ctrl-C and SIGTERM included.
@@ -65,6 +70,7 @@ from .contenders import Contender, Raw, Snapfs
 from .interpose import INTERPOSE_ROWS, run_interpose
 from .memory import run_memory_test
 from .pg import pg_available
+from .protect import run_protect_bench
 from .qemu import Qemu
 from .realdev import run_real_device
 from .report import REAL_ROWS, ROWS, Results, report
@@ -80,9 +86,11 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
          "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False,
-         "backup_size": 64 * MiB, "interpose_runtime": 5}
+         "backup_size": 64 * MiB, "interpose_runtime": 5, "protect_rounds": 1,
+         "protect_size": 64 * MiB}
 NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
-           "load_size", "load_rounds", "backup_size", "interpose_runtime")
+           "load_size", "load_rounds", "backup_size", "interpose_runtime", "protect_rounds",
+           "protect_baseline")
 
 
 def _size_arg(text: str) -> int:
@@ -126,6 +134,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backup-only", action="store_true", help="run only the backup table")
     p.add_argument("--load-only", action="store_true", help="run only the backup-under-load table")
     p.add_argument("--real-only", action="store_true", help="run only the real-device table")
+    p.add_argument("--no-protect", action="store_true", help="skip the protected-ranges table")
+    p.add_argument("--protect-only", action="store_true", help="run only the protected-ranges table")
+    p.add_argument("--protect-rounds", type=int, help="rounds of the protected-ranges table (default 6)")
+    p.add_argument("--protect-baseline", metavar="REV",
+                   help="git revision the protected-ranges table compares against (default main)")
     return p
 
 
@@ -133,9 +146,11 @@ def parse_args(argv: list[str] | None) -> Config:
     """Command line -> Config (quick defaults first, explicit options win)."""
     p = parser()
     a = p.parse_args(argv)
-    only = "backup" if a.backup_only else "load" if a.load_only else "real" if a.real_only else None
+    only = ("backup" if a.backup_only else "load" if a.load_only else "real" if a.real_only
+            else "protect" if a.protect_only else None)
     cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
-                 load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only)
+                 load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only,
+                 protect=not a.no_protect or a.protect_only)
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
@@ -158,7 +173,7 @@ def check_tools(cfg: Config) -> None:
     missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise BenchError(f"missing {', '.join(missing)}: apt-get install -y fio fuse3 util-linux")
-    if cfg.qemu and cfg.only != "backup" and not shutil.which("qemu-storage-daemon"):
+    if cfg.qemu and cfg.only not in ("backup", "protect") and not shutil.which("qemu-storage-daemon"):
         if not cfg.quick:
             raise BenchError("qemu-storage-daemon missing: apt-get install -y qemu-system-common "
                              "qemu-utils (or pass --no-qemu)")
@@ -212,6 +227,11 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
     if cfg.backup and cfg.only in (None, "backup"):
         text, rows = run_backup_bench(cfg, work)
         res.extra["backup"] = {"table": text, "rows": rows}
+    if cfg.protect and cfg.only in (None, "protect"):
+        try:
+            res.extra["protect"] = run_protect_bench(cfg, work)
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            res.fail("protect", "snapfs", exc)
 
 
 def run_snapshot_sections(cfg: Config, work: Path, res: Results) -> None:

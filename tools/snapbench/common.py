@@ -54,6 +54,10 @@ class Config:
     interpose_runtime: int = 30  # seconds of pgbench per contender in the interposition table
     backup: bool = True          # the backup section (snapbench/backup.py)
     backup_size: int = 4 * GiB   # its device
-    only: str | None = None      # run only this section: "load", "backup" or "real"
+    protect: bool = True         # the protected-ranges section (snapbench/protect.py)
+    protect_rounds: int = 6
+    protect_size: int = 256 * MiB
+    protect_baseline: str = "main"   # the git revision it compares against
+    only: str | None = None      # run only this section: "load", "backup", "real" or "protect"
     workdir: str | None = None
     json: str | None = None

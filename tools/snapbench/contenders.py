@@ -81,6 +81,7 @@ class Snapfs(Contender):
     dir (same disk); diff-storage minimum = limit = ``storage`` (no growth mid-run)."""
 
     name = "snapfs"
+    env: dict | None = None      # more environment for the daemon (PYTHONPATH: another version)
 
     def __init__(self, directory: Path, source: Path, size: int, storage: int):
         """``storage``: diff-storage minimum and snapshot limit, in bytes."""
@@ -103,7 +104,7 @@ class Snapfs(Contender):
                "--log-level", "warning", "--state-dir", str(self.dir / "state"),
                "--chunk-minimum", "64K", "--diff-storage-minimum", str(self.storage),
                str(self.mnt), f"d={self.source}"]
-        self.proc = spawn(cmd, self.dir / "stdout.log")
+        self.proc = spawn(cmd, self.dir / "stdout.log", self.env)
         wait_until(self._ready, 30, "snapfs mount")
         self.pid = self.ctl("status")["pid"]
 

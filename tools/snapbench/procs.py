@@ -1,6 +1,7 @@
 """Processes, mounts, signals: starting and stopping daemons, (lazy) unmounts, polling."""
 
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -17,12 +18,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """Start a daemon in its own session (a terminal Ctrl-C reaches only the bench,
-    which then stops it in order), output to ``log_path``."""
+    which then stops it in order), output to ``log_path``; ``env``: more environment
+    variables (then it runs in the log's directory, so ``python -m`` does not import
+    from the bench's working directory first)."""
+    extra = {"env": {**os.environ, **env}, "cwd": log_path.parent} if env else {}
     with open(log_path, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=_die_with_parent, **extra)
 
 
 def finish_process(proc: subprocess.Popen | None, grace: float = 10) -> None:

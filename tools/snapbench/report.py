@@ -173,8 +173,9 @@ def report(res: Results, cfg: Config, started: float) -> str:
         from .interpose import interpose_table
         from .underload import load_table
         parts += [interpose_table(res, cfg), load_table(res, cfg)]
-    if "backup" in res.extra:
-        parts.append(res.extra["backup"]["table"])
+    for section in ("backup", "protect"):
+        if section in res.extra:
+            parts.append(res.extra[section]["table"])
     text = "\n\n".join(parts)
     print(text, flush=True)
     for f in res.failures:
