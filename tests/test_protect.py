@@ -15,8 +15,12 @@ import time
 import pytest
 from helpers import KiB, make_device, requires_fuse, snapfs, snapfs_cli
 
+from snapfs.cbt import CBT
+from snapfs.cbtstate import Restored, StateStore
 from snapfs.errors import SnapfsError
+from snapfs.params import Params, tracking_block_size
 from snapfs.protect import AuditLog, Rules, Writer
+from snapfs.source import Source
 
 S = 512
 NOBODY = 65534
@@ -70,6 +74,37 @@ def test_audit_log_rotates_at_its_bound():
     assert log.generation > 1 and len(log.current) <= 4096 and len(log.previous) <= 4096
     kept = [json.loads(line)["i"] for line in (log.previous + log.current).splitlines()]
     assert kept == list(range(200 - len(kept), 200)), "the newest lines, in order, none torn"
+
+
+def test_state_keeps_rules_apart_from_the_cbt(tmp_path):
+    """Saved rules come back when the CBT is not trusted (the source changed); rules
+    that do not fit the source are dropped and the CBT is kept; old files have none."""
+    path = tmp_path / "s.img"
+    make_device(path, 64 * KiB, seed=5)
+    store = StateStore(str(tmp_path / "state"), Params())
+
+    def saved(rules, touch=False) -> Restored:
+        src = Source.open(str(path))
+        try:
+            store.save(src, CBT(src.size, tracking_block_size(src.size, Params())), rules)
+        finally:
+            src.close()
+        if touch:
+            os.utime(path, ns=(1, 1))
+        src = Source.open(str(path))
+        try:
+            return store.restore(src)
+        finally:
+            src.close()
+
+    rules = [("deny", 0, 8), ("audit", 8, 8)]
+    assert saved(rules, touch=True) == (None, rules)
+    restored = saved([("deny", 120, 9)])
+    assert restored.cbt is not None and restored.rules == []
+    restored = saved([])
+    assert restored.cbt is not None and restored.rules == []
+    (state_file,) = (tmp_path / "state" / "cbt").iterdir()
+    assert "protect" not in json.loads(state_file.read_bytes().split(b"\n", 1)[0])
 
 
 # ----- real mounts ---------------------------------------------------------------------
