@@ -1,9 +1,10 @@
-"""The on-disk state format: persisted CBT and protected ranges, defined and
-commented in this one place.
+"""The on-disk state format: persisted CBT, protected ranges and the record of
+migrated sources, defined and commented in this one place.
 
 Layout::
 
     STATE_DIR/cbt/<key>.cbt      key = sha256 of the source's real path, 32 hex digits
+    STATE_DIR/moved/<key>.json   key = the same, of a source a device migrated away from
 
 One file per device source, written only at a clean stop, atomically (write to a
 temporary file, fsync, rename, fsync the directory). Contents::
@@ -34,6 +35,17 @@ a CBT that could hide a write. Protected ranges are kept whenever the header is
 readable, names this source's path and size, and every range lies inside it (they
 say where writes must not go, which a changed content does not change); else they
 are dropped with a warning.
+
+Moved sources (``migrate_complete``, issue 23): written, atomically as above, during
+the pivot, after the target was made durable and before the device is switched to it;
+removed when a device migrates back onto that source. One JSON object::
+
+    format "snapfs-moved", version 1, name (the device), source (the old path),
+    target (the new path), time (unix seconds)
+
+A mount or attach naming a source with a record is refused (ESTALE) with a message
+naming the target: after a crash past the pivot the old source is stale, and serving
+it would silently drop every write since. Removing the file is how to serve it again.
 """
 
 import contextlib
@@ -41,11 +53,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from typing import NamedTuple
 
 from .cbt import CBT
-from .osutil import replace_file
+from .osutil import fsync_dir, replace_file
 from .params import SECTOR, Params, tracking_block_size
 from .protect import ACTIONS
 from .source import Identity, Source
@@ -54,6 +67,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "snapfs-cbt"
 VERSION = 1
+MOVED_FORMAT = "snapfs-moved"
 
 
 class Restored(NamedTuple):
@@ -74,8 +88,40 @@ class StateStore:
         self.running = False
 
     def path_for(self, source: Source) -> str:
-        key = hashlib.sha256(source.path.encode()).hexdigest()[:32]
-        return os.path.join(self.dir, key + ".cbt")
+        return os.path.join(self.dir, _key(source.path) + ".cbt")
+
+    def _moved_path(self, path: str) -> str:
+        return os.path.join(os.path.dirname(self.dir), "moved", _key(path) + ".json")
+
+    def moved(self, source: Source) -> str | None:
+        """Why ``source`` must not be served: a device migrated away from it (the
+        message names the target and the record), or None."""
+        record = self._moved_path(source.path)
+        try:
+            with open(record, "rb") as f:
+                moved = json.loads(f.read())
+            if moved.get("format") != MOVED_FORMAT or moved.get("source") != source.path:
+                return None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{source.path} has an unreadable migration record {record} ({exc})"
+        return (f"{source.path} is stale: device {moved.get('name')} was migrated from it to "
+                f"{moved.get('target')}; serve {moved.get('target')} instead (or remove {record} "
+                f"to serve {source.path} again)")
+
+    def record_move(self, name: str, old: str, new: str) -> None:
+        """Blocking, durable: device ``name`` moved from source ``old`` to ``new``
+        (a record for ``new``, from an earlier move away from it, is removed)."""
+        directory = os.path.dirname(self._moved_path(old))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        record = {"format": MOVED_FORMAT, "version": VERSION, "name": name, "source": old,
+                  "target": new, "time": round(time.time(), 3)}
+        path = self._moved_path(old)
+        replace_file(path, [json.dumps(record).encode() + b"\n"], path + ".tmp", sync_dir=False, mode=0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._moved_path(new))
+        fsync_dir(directory)
 
     def load(self, source: Source) -> CBT | None:
         """The persisted CBT of ``source`` if it is trustworthy, else None (new
@@ -191,6 +237,10 @@ def _decode_rules(data: bytes, source: Source, path: str) -> list[tuple[str, int
         log.warning("dropping the protected ranges saved in %s for %s: %s: %s",
                     path, source.path, type(exc).__name__, exc)
         return []
+
+
+def _key(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:32]
 
 
 def _same_identity(saved: dict, now: Identity) -> bool:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import __version__, mountinfo
-from .backup.output import DefaultsHelp, arg_type
+from .backup.output import DefaultsHelp, Output, arg_type
 from .client import (
     batched_lines,
     command,
@@ -29,7 +29,7 @@ from .client import (
     snapfs_mounts,
     source_released,
 )
-from .commands import COMMANDS, Command, format_line, parse_timeout
+from .commands import COMMANDS, NAME, RATE, Command, format_line, parse_timeout
 from .errors import SnapfsError
 from .params import SECTOR, Params, default_state_dir, human, parse_size, size_text
 
@@ -58,6 +58,9 @@ def print_status(status: dict) -> None:
         print(f"{name:16} {human(d['size']):>10} {human(d['bytes_written']):>10} "
               f"{d['cow_copies']:>7} {cbt['generation_id'][:8]:10} {cbt['changes_number']:>4}  "
               f"{d['snapshot'] or '-'}")
+    for name, mg in status.get("migrations", {}).items():
+        print(f"\nmigration of {name} to {mg['target']}: {mg['state']}, copied {human(mg['copied'])} "
+              f"of {human(mg['total'])}" + (f", {mg['errno']}: {mg['error']}" if "errno" in mg else ""))
     for sid, s in status["snapshots"].items():
         print(f"\nsnapshot {sid}  {s['state']}  storage {s['storage']}: "
               f"used {human(s['used'])} of {human(s['size'])}, limit {human(s['limit'])}")
@@ -217,6 +220,53 @@ def cmd_markdirtyblock(args) -> int:
     if (args.file is None) == (args.name is None or not args.ranges):
         raise SnapfsError(errno.EINVAL, "markdirtyblock takes either --file PATH or NAME SECTOR:COUNT...")
     return cmd_markdirty_file(args) if args.file else cmd_control(args)
+
+
+MIGRATE_POLL = 0.25     # seconds between migrate_info calls
+
+
+def cmd_migrate(args) -> int:
+    """``snapfs migrate NAME TARGET``: migrate_start, progress until ready (a bar on a
+    terminal, plain lines otherwise), then migrate_complete unless --no-complete.
+    Exits non-zero when the migration fails; Ctrl-C cancels it."""
+    mount, name, target = find_mount(args.mount), args.name, os.path.abspath(args.target)
+    out = Output(args.json)
+    started = command(mount, format_line("migrate_start", name, target, args.rate_limit))
+    progress = out.progress(started["total"], f"{name} -> {target}")
+    try:
+        info = _migrate_until_ready(mount, name, progress)
+    except KeyboardInterrupt:
+        send(mount, format_line("migrate_cancel", name))
+        out.warn(f"migration of {name} cancelled; it stays on its source")
+        raise
+    finally:
+        progress.close()
+    if not args.no_complete:
+        command(mount, format_line("migrate_complete", name))
+        info = command(mount, format_line("migrate_info", name))
+    info.pop("ok", None)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        later = "; migrate_complete switches to it" if args.no_complete else ""
+        held = f", writes held {info['write_block_ms']} ms" if info.get("write_block_ms") is not None else ""
+        out.say(f"{name}: {info['state']} ({human(info['total'])} copied to {info['target']} in "
+                f"{info['ready_seconds']} s{held}){later}")
+    return 0
+
+
+def _migrate_until_ready(mount: str, name: str, progress) -> dict:
+    """Poll migrate_info until ``ready``; SnapfsError when it fails or is cancelled."""
+    while True:
+        info = command(mount, format_line("migrate_info", name))
+        progress.update(info["copied"] - progress.done)
+        if info["state"] == "ready":
+            return info
+        if info["state"] != "running":
+            code = getattr(errno, info.get("errno", ""), errno.ECANCELED)
+            why = f"migration of {name} {info['state']}: {info.get('error', '')}"
+            raise SnapfsError(code, why.rstrip(": "))
+        time.sleep(MIGRATE_POLL)
 
 
 def cmd_watch(args) -> int:
@@ -467,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("generation_id")
     cc.add_argument("changes_number", type=int)
     cc.set_defaults(func=cmd_cbt_changes)
+
+    mg = sub.add_parser("migrate", parents=[common], formatter_class=DefaultsHelp,
+                        help="move a device to a new file or block device while it is in use")
+    mg.add_argument("name", type=arg_type(NAME.check))
+    mg.add_argument("target", help="a new file (created sparse) or a block device at least as large")
+    mg.add_argument("--no-complete", action="store_true",
+                    help="stop at ready (every write mirrored); migrate_complete switches later")
+    mg.add_argument("--rate-limit", type=arg_type(RATE.check, keep_text=True), default="0", metavar="MiB/s",
+                    help="at most this many MiB/s of copying (0: no limit)")
+    mg.set_defaults(func=cmd_migrate)
 
     from .backup.cli import add_parser as add_backup_parser
     add_backup_parser(sub, common)

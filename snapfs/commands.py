@@ -23,6 +23,7 @@ MAX_LINE = 8192                 # bytes in one command: parsing stays well under
 MAX_TIMEOUT_MS = 60_000
 MAX_RANGES = 10_000             # SECTOR:COUNT words in one markdirtyblock
 MAX_NAMES = 998                 # device names in one snapshot_create
+MAX_RATE = 1 << 20              # MiB/s: a migration's rate limit
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -88,6 +89,8 @@ RANGE = Kind("SECTOR:COUNT", lambda w: (parse_range(w), w)[1])     # checked aga
 TIMEOUT = Kind("TIMEOUT_MS", parse_timeout)
 ACTION = Kind("ACTION", parse_action)
 PROTECTED = Kind("RANGE", lambda w: w if w == "all" else (parse_range(w), w)[1])   # SECTOR:COUNT or all
+TARGET = Kind("TARGET", lambda w: check_path(w, "target"), path=True)
+RATE = Kind("RATE_MIB", lambda w: parse_number(w, "rate (MiB/s)", MAX_RATE))
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class Arg:
     def usage(self) -> str:
         if self.option:
             return f"[{self.option}]"
-        text = self.kind.metavar + ("..." if self.many else "")
+        text = self.kind.metavar + ("..." if self.many > 1 else "")
         return f"[{text}]" if self.optional else text
 
 
@@ -217,6 +220,29 @@ COMMANDS: dict[str, Command] = _commands(
             f"pops the next unconsumed event (TIMEOUT_MS at most {MAX_TIMEOUT_MS})",
             "ETIMEDOUT; ESRCH (also when destroyed meanwhile); EINTR the sender has a signal pending; "
             "EINVAL timeout", view=True),
+    Command("migrate_start", (Arg("name", NAME), Arg("target", TARGET),
+                              Arg("rate", RATE, many=1, optional=True,
+                                  help="the copy's MiB/s (0: no limit)")),
+            "move a device to a new file or a block device while it is in use",
+            "moves a device to TARGET while it is in use (§4 Migration); RATE_MIB: the copy's MiB/s, 0 no "
+            'limit; `{"name", "target", "total"}`',
+            "ENOENT device or TARGET's directory; EBUSY in a snapshot, or migrating; EEXIST TARGET an "
+            "existing regular file; ENOSPC TARGET a block device smaller than the device; EINVAL relative "
+            "path, TARGET refused (§4 Guard: inside this mount, a source, ...); EXDEV sender's namespace "
+            "unknown", view=True),
+    Command("migrate_info", (Arg("name", NAME),),
+            "a migration's state, copied and total bytes, dirty bytes left",
+            'the last migration of NAME: `{"state": "running"\\|"ready"\\|"completing"\\|"completed"\\|'
+            '"cancelled"\\|"failed", "copied", "total", "dirty", "source", "target", "seconds", '
+            '"ready_seconds", "write_block_ms"}` (how long the pivot held writes), with `errno` and '
+            '`error` when failed', "ENOENT; ESRCH never migrated"),
+    Command("migrate_complete", (Arg("name", NAME),), "switch a ready migration's device to its target",
+            'the pivot (§4 Migration): NAME is backed by TARGET from now on; `{"source": TARGET}`',
+            "EAGAIN not ready; ESRCH; the target's errno when its final fsync fails (the migration fails, "
+            "the device stays)"),
+    Command("migrate_cancel", (Arg("name", NAME),), "stop a migration: the device stays on its source",
+            "ends a migration: the device stays on its source, a created TARGET is removed",
+            "ESRCH; EBUSY completing"),
     Command("stop", (Arg("force", option="force", help="at once: users of open device and image "
                          "files get I/O errors"),),
             "stop the daemon as SIGTERM does: once no device or image file is open",

@@ -134,6 +134,25 @@ async def _snapshot_waitevent(reg: Registry, snap_id: str, timeout_ms: int, view
     return {"event": await reg.wait_event(snap_id, timeout_ms / 1000, lambda: procs.signal_pending(view.pid))}
 
 
+async def _migrate_start(reg: Registry, name: str, target: str, rate: list[int], view: View) -> dict:
+    migration = await reg.migrate_start(name, target, rate[0] if rate else 0, view)
+    return {"name": name, "target": migration.target.path, "total": migration.total}
+
+
+async def _migrate_info(reg: Registry, name: str) -> dict:
+    return reg.migration(name).info()
+
+
+async def _migrate_complete(reg: Registry, name: str) -> dict:
+    await reg.migrate_complete(name)
+    return {"source": reg.device(name).source.path}
+
+
+async def _migrate_cancel(reg: Registry, name: str) -> dict:
+    await reg.migrate_cancel(name)
+    return {}
+
+
 async def _stop(reg: Registry, force: bool) -> dict:
     reg.request_stop(force)
     return {}
@@ -147,6 +166,8 @@ VERBS: dict[str, Callable[..., Awaitable[dict]]] = {
     "snapshot_create": _snapshot_create, "snapshot_add": _snapshot_add,
     "snapshot_take": _snapshot_take, "snapshot_destroy": _snapshot_destroy,
     "snapshot_collect": _snapshot_collect, "snapshot_info": _snapshot_info,
-    "snapshot_waitevent": _snapshot_waitevent, "stop": _stop,
+    "snapshot_waitevent": _snapshot_waitevent, "migrate_start": _migrate_start,
+    "migrate_info": _migrate_info, "migrate_complete": _migrate_complete, "migrate_cancel": _migrate_cancel,
+    "stop": _stop,
 }
 assert VERBS.keys() == COMMANDS.keys()

@@ -1,9 +1,12 @@
 """I/O priorities (``ioprio_get``/``ioprio_set``, ``ionice``): the priority of the
 process that opens a snapshot image is carried to the source I/O its reads cause
 (docs/concurrency.md rule 4). Values are the kernel's: class << 13 | level; 0 means
-none set (derived from the CPU nice value)."""
+none set (derived from the CPU nice value). And the other half of reading beside a
+workload: a rate limit (``RateLimit``, a backup's and a migration's ``--rate-limit``)."""
 
 import os
+import threading
+import time
 
 from .osutil import LIBC
 
@@ -41,3 +44,32 @@ def set_current_thread(value: int) -> None:
 
 def is_idle(value: int) -> bool:
     return value >> CLASS_SHIFT == IDLE
+
+
+BURST = 0.25             # seconds of reading at the full rate allowed after a pause
+
+
+class RateLimit:
+    """At most ``mib_per_s`` MiB/s over all callers (0: no limit): a token bucket
+    holding at most BURST seconds' worth. Thread-safe. ``take`` sleeps (a thread);
+    ``reserve`` only says how long to sleep (a trio task awaits that itself)."""
+
+    def __init__(self, mib_per_s: float):
+        self.rate = mib_per_s * (1 << 20)
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> float:
+        """Count ``nbytes`` as read; the seconds to wait before reading them."""
+        if self.rate <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now - BURST) + nbytes / self.rate
+            return max(0.0, self._next - now)
+
+    def take(self, nbytes: int) -> None:
+        """Wait (sleeping the calling thread) until ``nbytes`` more may be read."""
+        wait = self.reserve(nbytes)
+        if wait > 0:
+            time.sleep(wait)

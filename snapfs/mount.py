@@ -312,6 +312,9 @@ def stop_cleanly(registry: Registry, state: StateStore) -> None:
     for snap in list(registry.snapshots.values()):
         snap.destroy().close()
     registry.snapshots.clear()
+    for migration in registry.migrations.values():
+        if migration.active:        # not cancelled by the stop (an unmount from outside)
+            migration.abandon()
     for tracker in registry.devices.values():
         try:
             tracker.source.fsync()

@@ -1,5 +1,6 @@
 """Small OS helpers that several layers need, each written once: the C library for the
-calls Python lacks (``openat2``, ``fallocate`` with a mode, ``ioprio_*``), an
+calls Python lacks (``openat2``, ``fallocate`` with a mode, ``ioprio_*``,
+``sync_file_range``), an
 exclusive flock that answers EBUSY, and the atomic replacement of a file (temporary
 file, fsync, rename, fsync of the directory).
 
@@ -18,6 +19,18 @@ from .errors import SnapfsError
 # one handle on the C library for every ctypes call; ``syscall`` returns a long
 LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 LIBC.syscall.restype = ctypes.c_long
+
+
+SYNC_FILE_RANGE_WRITE = 2
+LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+
+
+def write_back(fd: int) -> None:
+    """Start writing back every dirty page of ``fd`` (``sync_file_range``: no wait for
+    it, no journal commit). OSError on failure."""
+    if LIBC.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def lock_exclusive(fd: int, what: str, busy: Callable[[], str]) -> int:

@@ -7,7 +7,8 @@ and calls these methods, ``fs.py`` shows ``devices`` and ``snapshots``.
 
 Collaborators are given at construction, as small interfaces:
     cbt_store: ``restore(source) -> Restored`` (the CBT or None, the protected
-               ranges) and ``forget(source)`` (cbtstate.py);
+               ranges), ``forget(source)``, ``moved(source)`` and ``record_move(name, old,
+               new)`` (cbtstate.py);
     listener:  ``events_changed()`` after any event of any snapshot, and
                ``async snapshot_destroyed(snap)`` once a snapshot is gone (fs.py drops
                cached image pages there).
@@ -34,6 +35,7 @@ from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
 from .guard import Guard
+from .migrate import Migration, discard_target, holes, open_target
 from .namespace import SAME, View
 from .params import SECTOR, Params
 from .protect import AuditLog, Rules, ranges_text
@@ -50,6 +52,8 @@ INTERRUPT_CHECK = 0.2   # seconds between looks whether a waiting sender was sig
 class CbtStore(Protocol):
     def restore(self, source: Source) -> Restored: ...
     def forget(self, source: Source) -> None: ...
+    def moved(self, source: Source) -> str | None: ...
+    def record_move(self, name: str, old: str, new: str) -> None: ...
 
 
 class Listener(Protocol):
@@ -62,6 +66,12 @@ class _NoStore:
         return Restored(None, [])
 
     def forget(self, source: Source) -> None:
+        pass
+
+    def moved(self, source: Source) -> None:
+        return None
+
+    def record_move(self, name: str, old: str, new: str) -> None:
         pass
 
 
@@ -83,6 +93,7 @@ class Registry:
         self.mount_dev: int | None = None
         self.devices: dict[str, Tracker] = {}
         self.snapshots: dict[str, Snapshot] = {}
+        self.migrations: dict[str, Migration] = {}   # the last one of each device
         self.cbt_store = cbt_store or _NoStore()
         self.listener = listener or _NoListener()
         self._nursery: trio.Nursery | None = None
@@ -137,6 +148,9 @@ class Registry:
         for other in self.devices.values():
             if other.source.same_as(source):
                 raise SnapfsError(errno.EEXIST, f"{source.path} is already attached as {other.name}")
+        moved = self.cbt_store.moved(source)
+        if moved:
+            raise SnapfsError(errno.ESTALE, moved)
         restored = self.cbt_store.restore(source)
         tracker = Tracker(name, source, self.params, restored.cbt)
         self._restore_rules(tracker, restored.rules)
@@ -179,6 +193,8 @@ class Registry:
             raise SnapfsError(errno.EBUSY, f"{name} is in snapshot {tracker.snapshot_id}")
         if tracker.open_handles:
             raise SnapfsError(errno.EBUSY, f"{name} is open ({tracker.open_handles} handles)")
+        if tracker.migration is not None:
+            raise SnapfsError(errno.EBUSY, f"{name} is migrating (migrate_cancel first)")
         del self.devices[name]
         tracker.detached = True
         self.cbt_store.forget(tracker.source)
@@ -341,6 +357,9 @@ class Registry:
         ESRCH), and wait for takes in progress (a freeze flushes through this mount and
         must be served; the take then fails with ESRCH and thaws)."""
         self.stopping = True
+        for migration in list(self.migrations.values()):
+            if migration.active:
+                await migration.cancel()
         for snap_id in list(self.snapshots):
             if snap_id in self.snapshots:
                 await self.destroy(snap_id)
@@ -383,6 +402,61 @@ class Registry:
         with area.storage.in_flight.using():
             await area.storage.io.run(area.storage.sync)
 
+    # ----- migration (migrate.py) -------------------------------------------------------
+
+    def migration(self, name: str) -> Migration:
+        """The last migration of device ``name``: ENOENT device, ESRCH none."""
+        self.device(name)
+        try:
+            return self.migrations[name]
+        except KeyError:
+            raise SnapfsError(errno.ESRCH, f"{name} has not been migrated") from None
+
+    def _check_migratable(self, tracker: Tracker) -> None:
+        if tracker.snapshot_id is not None:
+            raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}: "
+                              "migrate it once the snapshot is destroyed")
+        if tracker.migration is not None:
+            raise SnapfsError(errno.EBUSY, f"{tracker.name} is migrating already")
+        if self._nursery is None:
+            raise SnapfsError(errno.ENOTSUP, "no background tasks here to copy with")
+
+    async def migrate_start(self, name: str, path: str, rate_mib: float = 0, view: View = SAME) -> Migration:
+        """Start moving device ``name`` to ``path`` (migrate.open_target): the writes
+        in flight are drained first (M5), then the copy runs in the background."""
+        self._check_migratable(self.device(name))
+        target, remove = await workers.run(open_target, path, self.device(name).capacity,
+                                           self.guard(), self.mountpoint, view)
+        try:
+            tracker = self.device(name)     # re-check: the registry may have changed meanwhile
+            self._check_migratable(tracker)
+            if target.same_as(tracker.source):
+                raise SnapfsError(errno.EINVAL, f"{path} is the source of {name}")
+        except BaseException:
+            await workers.run(discard_target, target, remove)
+            raise
+        migration = Migration(tracker, target, remove, rate_mib, spawn=self._nursery.start_soon)
+        tracker.migration = migration       # no await since the checks
+        self.migrations[name] = migration
+        tracker.gate.close()
+        try:
+            await tracker.gate.wait_drained()
+        finally:
+            tracker.gate.open()
+        self._nursery.start_soon(migration.run, holes(tracker.source) if remove else None)
+        log.info("migrating %s from %s to %s", name, tracker.source.path, target.path)
+        return migration
+
+    async def migrate_complete(self, name: str) -> None:
+        """The pivot (Migration.complete), then the old source is closed once no read
+        uses it (its lock and claim released)."""
+        old = await self.migration(name).complete(self.cbt_store.record_move)
+        await old.users.drained()
+        await workers.run(old.close)
+
+    async def migrate_cancel(self, name: str) -> None:
+        await self.migration(name).cancel()
+
     # ----- storage growth -----------------------------------------------------------
 
     def _schedule_grow(self, storage: DiffStorage) -> bool:
@@ -416,6 +490,7 @@ class Registry:
             "params": vars(self.params),
             "devices": {name: t.statistics() for name, t in self.devices.items()},
             "snapshots": {sid: s.info() for sid, s in self.snapshots.items()},
+            "migrations": {name: m.info() for name, m in self.migrations.items()},
         }
 
 

@@ -139,11 +139,14 @@ class Snapshot:
 
 def check_addable(tracker: Tracker, snap: Snapshot | None) -> None:
     """A device may join ``snap`` (None: a new snapshot): EALREADY when it is in it,
-    EBUSY when it is in another."""
+    EBUSY when it is in another or migrating (docs/design.md §4 Migration)."""
     if snap is not None and tracker.name in snap.trackers:
         raise SnapfsError(errno.EALREADY, f"{tracker.name} is already in snapshot {snap.id}")
     if tracker.snapshot_id is not None:
         raise SnapfsError(errno.EBUSY, f"{tracker.name} is in snapshot {tracker.snapshot_id}")
+    if tracker.migration is not None:
+        raise SnapfsError(errno.EBUSY, f"{tracker.name} is migrating: snapshot it once the "
+                          "migration completed or was cancelled")
 
 
 async def point_in_time(snap: Snapshot, device_files: Callable[[], set[tuple[int, int]]],

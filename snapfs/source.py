@@ -20,6 +20,7 @@ from .errors import SnapfsError
 from .fileio import FileIO
 from .osutil import LIBC, lock_exclusive
 from .params import SECTOR
+from .workers import InFlight
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -48,6 +49,7 @@ class Source:
         self.st = st
         self.kind = kind
         self.claim: Claim | None = None
+        self.users = InFlight()          # device reads and fsyncs in flight (a pivot closes it after them)
 
     @classmethod
     def open(cls, path: str, served_by: str = "", shown: str = "") -> "Source":

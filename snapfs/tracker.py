@@ -8,7 +8,8 @@ Write path (``write``), the one owner of a device write, once admitted by the ga
        write touches is in the storage (or the image is corrupted: it never fails the
        write);
     4. write to the source (``source.io``: inline when the page cache takes it at
-       once, else a worker thread).
+       once, else a worker thread); while the device migrates, through the migration
+       (``migrate.Migration.write``: also to the target where it is copied already).
 Errors of step 4 are real device errors and reach the writer as-is. Reads go to the
 source directly (``source.io``).
 
@@ -95,6 +96,7 @@ class Tracker:
         self.bytes_written = 0
         self.write_requests = 0
         self.detached = False
+        self.migration = None            # a migrate.Migration while one runs
 
     def _check_attached(self) -> None:
         if self.detached:
@@ -121,8 +123,12 @@ class Tracker:
             self.cbt.mark(offset, n)
             if self.area is not None:
                 await self.area.before_write(offset, n)
+            piece = memoryview(data)[:n]
             try:
-                await self.source.io.write(offset, memoryview(data)[:n])
+                if self.migration is None:       # the common case: no closure, no hop
+                    await self.source.io.write(offset, piece)
+                else:
+                    await self.migration.write(offset, n, lambda source: source.io.write(offset, piece))
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
             self.bytes_written += n
@@ -140,7 +146,10 @@ class Tracker:
             if self.area is not None:
                 await self.area.before_write(offset, n)
             try:
-                await self.source.io.run(self.source.punch, offset, n)
+                if self.migration is None:
+                    await self.source.io.run(self.source.punch, offset, n)
+                else:      # a migration in progress punches its target too (migrate.py)
+                    await self.migration.write(offset, n, lambda src: src.io.run(src.punch, offset, n))
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
 
@@ -148,9 +157,10 @@ class Tracker:
         """Device read (no snapshot involvement)."""
         self._check_attached()
         size = max(0, min(size, self.capacity - offset))
+        source = self.source
         try:
-            with workers.priority.request():
-                return await self.source.io.read(offset, size) if size else b""
+            with workers.priority.request(), source.users.using():
+                return await source.io.read(offset, size) if size else b""
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"reading device {self.name}") from None
 
@@ -159,9 +169,10 @@ class Tracker:
         with concurrent fsyncs (``FileIO.sync``; detach waits for no open handle, so the
         fd stays open)."""
         self._check_attached()
+        source = self.source
         try:
-            with workers.priority.request():
-                await self.source.io.sync(self.source.fsync)
+            with workers.priority.request(), source.users.using():
+                await source.io.sync(source.fsync)
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"syncing device {self.name}") from None
 

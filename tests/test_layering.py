@@ -20,6 +20,7 @@ LAYERS = [
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
     "guard", "freeze", "claims",
     "source", "cbt", "events", "protect", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
+    "migrate",
     "cbtstate", "registry", "control",                              # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI

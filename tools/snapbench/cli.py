@@ -45,6 +45,12 @@ only it): page-cached 4 KiB random writes on a device without rules, snapfs of t
 checkout against --protect-baseline (default main) and with a rule elsewhere on the
 device, --protect-rounds interleaved rounds of --runtime s jobs.
 
+Migration under load (``snapbench/migration.py``; --no-migrate skips it, --migrate-only
+runs only it, skipped without PostgreSQL 15): pgbench on ext4 over a --migrate-size
+device on an uncached loop device, served by snapfs and by qemu-storage-daemon in
+interleaved turns; per --migrate-rounds round the time and tps of a plain ``cp`` of
+the device and of ``snapfs migrate`` / ``blockdev-mirror`` (write-blocking) to a new file.
+
 Exit status: 0 table complete; 3 table printed but some measurements failed; 1 the
 run could not start; 130 interrupted. Everything mounted or started is stopped and
 the scratch directory removed on every path, Ctrl-C and SIGTERM included.
@@ -69,6 +75,7 @@ from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .interpose import INTERPOSE_ROWS, run_interpose
 from .memory import run_memory_test
+from .migration import MIG_ROWS, run_migration_bench
 from .pg import pg_available
 from .protect import run_protect_bench
 from .qemu import Qemu
@@ -87,10 +94,10 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
          "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False,
          "backup_size": 64 * MiB, "interpose_runtime": 5, "protect_rounds": 1,
-         "protect_size": 64 * MiB}
+         "protect_size": 64 * MiB, "migrate": False}
 NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
            "load_size", "load_rounds", "backup_size", "interpose_runtime", "protect_rounds",
-           "protect_baseline")
+           "protect_baseline", "migrate_size", "migrate_rounds")
 
 
 def _size_arg(text: str) -> int:
@@ -139,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-rounds", type=int, help="rounds of the protected-ranges table (default 6)")
     p.add_argument("--protect-baseline", metavar="REV",
                    help="git revision the protected-ranges table compares against (default main)")
+    p.add_argument("--no-migrate", action="store_true", help="skip the migration-under-load table")
+    p.add_argument("--migrate-only", action="store_true", help="run only the migration-under-load table")
+    p.add_argument("--migrate-size", type=_size_arg, help="device migrated under pgbench (default 2G)")
+    p.add_argument("--migrate-rounds", type=int, help="rounds of the migration table (default 3)")
     return p
 
 
@@ -147,10 +158,12 @@ def parse_args(argv: list[str] | None) -> Config:
     p = parser()
     a = p.parse_args(argv)
     only = ("backup" if a.backup_only else "load" if a.load_only else "real" if a.real_only
-            else "protect" if a.protect_only else None)
+            else "protect" if a.protect_only
+            else "migrate" if a.migrate_only else None)
     cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
                  load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only,
                  protect=not a.no_protect or a.protect_only)
+    cfg.migrate = not a.no_migrate
     if a.quick:
         for key, value in QUICK.items():
             setattr(cfg, key, value)
@@ -159,10 +172,13 @@ def parse_args(argv: list[str] | None) -> Config:
             setattr(cfg, key, getattr(a, key))
     if (a.load and a.quick) or a.load_only:
         cfg.load = True
+    if a.migrate_only:
+        cfg.migrate = True
     cfg.load_kinds = ("sparse", "full") if a.load_source == "both" else (a.load_source,)
     sizes_ok = all(n >= 16 * CLUSTER and n % MiB == 0
-                   for n in (cfg.size, cfg.real_size, cfg.load_size, cfg.backup_size))
-    if min(cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds) < 1 or not sizes_ok:
+                   for n in (cfg.size, cfg.real_size, cfg.load_size, cfg.backup_size, cfg.migrate_size))
+    counts = (cfg.rounds, cfg.takes, cfg.real_rounds, cfg.real_runtime, cfg.load_rounds, cfg.migrate_rounds)
+    if min(counts) < 1 or not sizes_ok:
         p.error("need rounds, takes and runtimes >= 1 and sizes that are multiples of 1 MiB")
     return cfg
 
@@ -179,9 +195,9 @@ def check_tools(cfg: Config) -> None:
                              "qemu-utils (or pass --no-qemu)")
         log("qemu-storage-daemon not installed: skipping QEMU")
         cfg.qemu = False
-    if cfg.load and not pg_available():
-        log("PostgreSQL 15 (postgresql-15) not installed: skipping the backup-under-load table")
-        cfg.load = False
+    if (cfg.load or cfg.migrate) and not pg_available():
+        log("PostgreSQL 15 (postgresql-15) not installed: skipping the tables under load")
+        cfg.load = cfg.migrate = False
 
 
 def _interrupt(signum, frame) -> None:
@@ -224,6 +240,8 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
     if cfg.load and cfg.only in (None, "load"):
         guarded(res, [row.key for row in INTERPOSE_ROWS], "snapfs", run_interpose, cfg, work, res)
         guarded(res, [row.key for row in LOAD_ROWS], "snapfs", run_under_load, cfg, work, res)
+    if cfg.migrate and cfg.only in (None, "migrate"):
+        guarded(res, [row.key for row in MIG_ROWS], "snapfs", run_migration_bench, cfg, work, res)
     if cfg.backup and cfg.only in (None, "backup"):
         text, rows = run_backup_bench(cfg, work)
         res.extra["backup"] = {"table": text, "rows": rows}

@@ -58,6 +58,9 @@ class Config:
     protect_rounds: int = 6
     protect_size: int = 256 * MiB
     protect_baseline: str = "main"   # the git revision it compares against
-    only: str | None = None      # run only this section: "load", "backup", "real" or "protect"
+    migrate: bool = True         # the migration-under-load section (migration)
+    migrate_size: int = 2 * GiB  # its device
+    migrate_rounds: int = 3
+    only: str | None = None      # run only this section: load, backup, real, protect or migrate
     workdir: str | None = None
     json: str | None = None

@@ -173,6 +173,9 @@ def report(res: Results, cfg: Config, started: float) -> str:
         from .interpose import interpose_table
         from .underload import load_table
         parts += [interpose_table(res, cfg), load_table(res, cfg)]
+    if cfg.migrate and cfg.only in (None, "migrate"):
+        from .migration import migration_table
+        parts.append(migration_table(res, cfg))
     for section in ("backup", "protect"):
         if section in res.extra:
             parts.append(res.extra[section]["table"])
@@ -185,7 +188,8 @@ def report(res: Results, cfg: Config, started: float) -> str:
     if cfg.json:
         doc = {"config": asdict(cfg), "environment": environment(), "seconds": time.time() - started,
                "rows": table, "real_rows": real,
-               "load": {k: dict(v) for k, v in res.samples.items() if k.startswith(("load_", "interpose_"))},
+               "load": {k: dict(v) for k, v in res.samples.items()
+                        if k.startswith(("load_", "interpose_", "mig_"))},
                "failures": res.failures, "notes": res.notes, "extra": res.extra}
         Path(cfg.json).write_text(json.dumps(doc, indent=2) + "\n")
     return text
