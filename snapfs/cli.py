@@ -61,6 +61,9 @@ def print_status(status: dict) -> None:
     for name, mg in status.get("migrations", {}).items():
         print(f"\nmigration of {name} to {mg['target']}: {mg['state']}, copied {human(mg['copied'])} "
               f"of {human(mg['total'])}" + (f", {mg['errno']}: {mg['error']}" if "errno" in mg else ""))
+    for name, j in status.get("cdp", {}).items():
+        print(f"\ncdp {name}  {j['state']}  {j['storage']}: used {human(j['used'])} of {human(j['limit'])}, "
+              f"{j['writes']} writes, oldest {j['oldest']:.6f}, marks {' '.join(j['marks']) or '-'}")
     for sid, s in status["snapshots"].items():
         print(f"\nsnapshot {sid}  {s['state']}  storage {s['storage']}: "
               f"used {human(s['used'])} of {human(s['size'])}, limit {human(s['limit'])}")

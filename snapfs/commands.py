@@ -8,6 +8,8 @@ from ``COMMANDS``; docs/design.md section 3's table is ``doc_table()`` (a test h
 them equal).
 """
 
+import calendar
+import datetime
 import errno
 import re
 import shlex
@@ -65,6 +67,49 @@ def parse_action(text: str) -> str:
     return text
 
 
+DURATION_RE = re.compile(r"([0-9]{1,12})([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+ISO_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z")
+LABEL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9._:-]{0,63}")
+
+
+def parse_retain(text: str) -> int:
+    """RETAIN of cdp_start: seconds, or with a suffix s, m, h, d -> ns (EINVAL)."""
+    m = DURATION_RE.fullmatch(text)
+    if not m:
+        raise SnapfsError(errno.EINVAL, f"bad retain time {text[:64]!r}: use seconds or a suffix s, m, h, d")
+    return int(m.group(1)) * _UNIT[m.group(2)] * 1_000_000_000
+
+
+def parse_instant(text: str) -> int | None:
+    """An instant: UNIX seconds (fractions allowed) or ISO-8601 UTC (``...Z``, fractions
+    to the nanosecond) -> ns since the epoch; None if it is neither."""
+    if text.isascii() and text.replace(".", "", 1).isdigit():
+        whole, _, frac = text.partition(".")
+        return int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])
+    m = ISO_RE.fullmatch(text)
+    if not m:
+        return None
+    try:
+        day = datetime.date.fromisoformat(m.group(1))
+    except ValueError:
+        return None
+    hour, minute, second = (int(m.group(k)) for k in (2, 3, 4))
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    seconds = calendar.timegm((day.year, day.month, day.day, hour, minute, second))
+    return seconds * 1_000_000_000 + int(((m.group(5) or "") + "000000000")[:9])
+
+
+def check_label(label: str) -> str:
+    """Mark labels: a letter or _ first (so never a time), then up to 63 of
+    ``A-Za-z0-9._:-`` (EINVAL)."""
+    if not LABEL_RE.fullmatch(label) or parse_instant(label) is not None:
+        raise SnapfsError(errno.EINVAL, f"bad mark label {label[:80]!r}: a letter first, "
+                          "then A-Z a-z 0-9 . _ : -")
+    return label
+
+
 def parse_timeout(text: str) -> int:
     """A snapshot_waitevent timeout: milliseconds, at most MAX_TIMEOUT_MS (EINVAL)."""
     return parse_number(text, "timeout (milliseconds)", MAX_TIMEOUT_MS)
@@ -91,6 +136,10 @@ ACTION = Kind("ACTION", parse_action)
 PROTECTED = Kind("RANGE", lambda w: w if w == "all" else (parse_range(w), w)[1])   # SECTOR:COUNT or all
 TARGET = Kind("TARGET", lambda w: check_path(w, "target"), path=True)
 RATE = Kind("RATE_MIB", lambda w: parse_number(w, "rate (MiB/s)", MAX_RATE))
+JOURNAL = Kind("STORAGE", lambda w: check_path(w, "journal"), path=True)
+RETAIN = Kind("RETAIN", parse_retain)
+LABEL = Kind("LABEL", check_label)
+WHEN = Kind("WHEN", str)               # a time or a mark's label: the daemon knows the marks
 
 
 @dataclass(frozen=True)
@@ -102,7 +151,7 @@ class Arg:
     dest: str
     kind: Kind | None = None
     many: int = 0                  # at most this many words; 0: one word
-    optional: bool = False         # with ``many``: none at all is fine
+    optional: bool = False         # none at all is fine (one word: None then)
     option: str = ""
     help: str = ""
 
@@ -149,10 +198,12 @@ class Command:
                     raise self.usage_error()
                 values.append([arg.kind.check(w) for w in rest])
                 rest = []
-            else:
-                if not rest:
-                    raise self.usage_error()
+            elif rest:
                 values.append(arg.kind.check(rest.pop(0)))
+            elif arg.optional:             # a last word that may be left out: None
+                values.append(None)
+            else:
+                raise self.usage_error()
         if rest:
             raise self.usage_error()
         return values
@@ -226,7 +277,8 @@ COMMANDS: dict[str, Command] = _commands(
             "move a device to a new file or a block device while it is in use",
             "moves a device to TARGET while it is in use (§4 Migration); RATE_MIB: the copy's MiB/s, 0 no "
             'limit; `{"name", "target", "total"}`',
-            "ENOENT device or TARGET's directory; EBUSY in a snapshot, or migrating; EEXIST TARGET an "
+            "ENOENT device or TARGET's directory; EBUSY in a snapshot, migrating, or journaled (CDP); "
+            "EEXIST TARGET an "
             "existing regular file; ENOSPC TARGET a block device smaller than the device; EINVAL relative "
             "path, TARGET refused (§4 Guard: inside this mount, a source, ...); EXDEV sender's namespace "
             "unknown", view=True),
@@ -243,6 +295,37 @@ COMMANDS: dict[str, Command] = _commands(
     Command("migrate_cancel", (Arg("name", NAME),), "stop a migration: the device stays on its source",
             "ends a migration: the device stays on its source, a created TARGET is removed",
             "ESRCH; EBUSY completing"),
+    Command("cdp_start", (Arg("name", NAME), Arg("storage", JOURNAL), Arg("limit", LIMIT),
+                          Arg("retain", RETAIN, optional=True)),
+            "journal every later write of NAME into the directory STORAGE, at most LIMIT bytes, "
+            "keeping at least RETAIN (s, m, h, d)",
+            "journal every later write of NAME into the directory STORAGE, at most LIMIT bytes, keeping "
+            "at least RETAIN (seconds, or a suffix s, m, h, d; default: what LIMIT holds) (§9)",
+            "ENOENT device; EBUSY journaled already, migrating, or STORAGE used by another journal; "
+            "EINVAL limit below "
+            "4M, not a directory, refused (§4 Guard), bad RETAIN; EXDEV STORAGE named from another mount "
+            "namespace", view=True),
+    Command("cdp_stop", (Arg("name", NAME),), "end the journal of NAME (its views and files go)",
+            "ends the journal: its views are destroyed, its files removed", "ENOENT; ESRCH no journal"),
+    Command("cdp_info", (Arg("name", NAME),),
+            "the journal of NAME: storage, used, limit, oldest, newest, marks",
+            "JSON: storage, used, limit, retain, `oldest`, `newest` (UNIX seconds with fractions), writes, "
+            "bytes_written, marks (label: instant), state (running/stopped), `stopped` (why), "
+            "`history_reset` (why), views, index_bytes, window_hits", "ENOENT; ESRCH"),
+    Command("cdp_mark", (Arg("name", NAME), Arg("label", LABEL),
+                         Arg("nofreeze", option="nofreeze", help="do not freeze filesystems stacked on it")),
+            "a named, application-consistent instant",
+            "freezes the filesystems stacked on NAME as take does, records LABEL at the instant, thaws; "
+            '`{"label", "instant", "frozen"}`',
+            "ENOENT; ESRCH; EEXIST label taken; EINVAL label (a letter or _ first, then up to 63 of "
+            "`A-Za-z0-9._:-`); EIO journal stopped"),
+    Command("cdp_view", (Arg("name", NAME), Arg("when", WHEN)),
+            "NAME as it was at WHEN (UNIX seconds, ISO-8601 UTC or a mark) under snapshots/ID/NAME",
+            "NAME as it was at WHEN (UNIX seconds with fractions, ISO-8601 UTC `2026-12-03T07:00:00.25Z`, "
+            'or a mark\'s label) as `snapshots/ID/NAME`; `{"id", "image", "instant", "mark"}`; '
+            "`snapshot_destroy ID` ends it",
+            "ENOENT; ESRCH; ERANGE before `oldest`; EINVAL in the future or not a time nor a mark; EIO "
+            "journal stopped"),
     Command("stop", (Arg("force", option="force", help="at once: users of open device and image "
                          "files get I/O errors"),),
             "stop the daemon as SIGTERM does: once no device or image file is open",

@@ -153,6 +153,32 @@ async def _migrate_cancel(reg: Registry, name: str) -> dict:
     return {}
 
 
+async def _cdp_start(reg: Registry, name: str, storage: str, limit: int, retain: int | None,
+                     view: View) -> dict:
+    rec = await reg.cdp_start(name, storage, limit, retain, view)
+    return {"name": name, "storage": rec.directory, "oldest": rec.info()["oldest"]}
+
+
+async def _cdp_stop(reg: Registry, name: str) -> dict:
+    await reg.cdp_stop(name)
+    return {}
+
+
+async def _cdp_info(reg: Registry, name: str) -> dict:
+    return reg.recorder(name).info()
+
+
+async def _cdp_mark(reg: Registry, name: str, label: str, nofreeze: bool) -> dict:
+    instant, frozen = await reg.cdp_mark(name, label, nofreeze)
+    return {"label": label, "instant": instant / 1e9, "frozen": frozen}
+
+
+async def _cdp_view(reg: Registry, name: str, when: str) -> dict:
+    view = await reg.cdp_view(name, when)
+    return {"id": view.id, "image": f"snapshots/{view.id}/{name}", "instant": view.instant_ns / 1e9,
+            "mark": view.label}
+
+
 async def _stop(reg: Registry, force: bool) -> dict:
     reg.request_stop(force)
     return {}
@@ -168,6 +194,7 @@ VERBS: dict[str, Callable[..., Awaitable[dict]]] = {
     "snapshot_collect": _snapshot_collect, "snapshot_info": _snapshot_info,
     "snapshot_waitevent": _snapshot_waitevent, "migrate_start": _migrate_start,
     "migrate_info": _migrate_info, "migrate_complete": _migrate_complete, "migrate_cancel": _migrate_cancel,
-    "stop": _stop,
+    "cdp_start": _cdp_start, "cdp_stop": _cdp_stop, "cdp_info": _cdp_info, "cdp_mark": _cdp_mark,
+    "cdp_view": _cdp_view, "stop": _stop,
 }
 assert VERBS.keys() == COMMANDS.keys()

@@ -27,6 +27,7 @@ from .commands import check_name
 from .detach import detach
 from .errors import SnapfsError
 from .fs import Operations
+from .journal import JournalStates
 from .params import Params
 from .registry import Registry
 from .source import Source
@@ -134,15 +135,17 @@ def build(config: MountConfig) -> tuple[Registry, Operations, StateStore]:
         check_source(path)
     state = StateStore(config.state_dir, config.params)
     ops = Operations(os.getuid(), os.getgid(), image_group=config.image_group)
-    registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops)
+    registry = Registry(config.params, mountpoint, cbt_store=state, listener=ops,
+                        journals=JournalStates(config.state_dir))
     try:
         for name, path in pairs:
             source = Source.open(path, served_by=mountpoint)
             try:
-                registry.add_device(name, source)
+                tracker = registry.add_device(name, source)
             except BaseException:
                 source.close()
                 raise
+            registry.resume_journal(tracker)
     except BaseException:
         registry.close_sources()
         raise
@@ -315,6 +318,7 @@ def stop_cleanly(registry: Registry, state: StateStore) -> None:
     for migration in registry.migrations.values():
         if migration.active:        # not cancelled by the stop (an unmount from outside)
             migration.abandon()
+    registry.close_journals()          # the journals are durable before the sources
     for tracker in registry.devices.values():
         try:
             tracker.source.fsync()

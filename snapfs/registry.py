@@ -9,6 +9,8 @@ Collaborators are given at construction, as small interfaces:
     cbt_store: ``restore(source) -> Restored`` (the CBT or None, the protected
                ranges), ``forget(source)``, ``moved(source)`` and ``record_move(name, old,
                new)`` (cbtstate.py);
+    journals:  the record of running CDP journals (journal.JournalStates), taken up
+               again when their source is attached;
     listener:  ``events_changed()`` after any event of any snapshot, and
                ``async snapshot_destroyed(snap)`` once a snapshot is gone (fs.py drops
                cached image pages there).
@@ -27,19 +29,21 @@ from typing import Protocol
 
 import trio
 
-from . import __version__, workers
+from . import __version__, cdp, workers
 from .cbtstate import Restored
 from .commands import check_name
 from .diffarea import DiffArea
 from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
+from .freeze import thaw
 from .guard import Guard
+from .journal import JournalStates
 from .migrate import Migration, discard_target, holes, open_target
 from .namespace import SAME, View
 from .params import SECTOR, Params
 from .protect import AuditLog, Rules, ranges_text
-from .snapshot import Snapshot, check_addable, point_in_time
+from .snapshot import Snapshot, check_addable, freeze_stacked, point_in_time
 from .source import Source
 from .tracker import Tracker
 from .workers import InFlight
@@ -87,8 +91,9 @@ class Registry:
     """Owns the devices and snapshots of one mount."""
 
     def __init__(self, params: Params, mountpoint: str = "", cbt_store: CbtStore | None = None,
-                 listener: Listener | None = None):
+                 listener: Listener | None = None, journals: JournalStates | None = None):
         self.params = params
+        self.journals = journals        # where running CDP journals are recorded (None: nowhere)
         self.mountpoint = mountpoint
         self.mount_dev: int | None = None
         self.devices: dict[str, Tracker] = {}
@@ -172,6 +177,7 @@ class Registry:
             source.close()
             raise
         log.info("attached %s (%s, %d bytes)", name, source.path, source.size)
+        await workers.run(self.resume_journal, tracker)
         return tracker
 
     async def _check_under_storage(self, name: str, source: Source) -> None:
@@ -195,6 +201,8 @@ class Registry:
             raise SnapfsError(errno.EBUSY, f"{name} is open ({tracker.open_handles} handles)")
         if tracker.migration is not None:
             raise SnapfsError(errno.EBUSY, f"{name} is migrating (migrate_cancel first)")
+        if tracker.recorder is not None:
+            raise SnapfsError(errno.EBUSY, f"{name} has a CDP journal (cdp_stop first)")
         del self.devices[name]
         tracker.detached = True
         self.cbt_store.forget(tracker.source)
@@ -319,12 +327,15 @@ class Registry:
         return frozen
 
     def _device_files(self, snap: Snapshot) -> set[tuple[int, int]]:
-        """(st_dev, st_ino) of the members' device files as the kernel reports them
+        return self._files_of(list(snap.trackers))
+
+    def _files_of(self, names: list[str]) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of these device files as the kernel reports them
         (blocking: a stat through this mount, so only from a worker thread)."""
         if not self.mountpoint:
             return set()
         found = set()
-        for name in snap.trackers:
+        for name in names:
             try:
                 st = os.stat(os.path.join(self.mountpoint, "devices", name))
             except OSError as exc:
@@ -418,6 +429,8 @@ class Registry:
                               "migrate it once the snapshot is destroyed")
         if tracker.migration is not None:
             raise SnapfsError(errno.EBUSY, f"{tracker.name} is migrating already")
+        if tracker.recorder is not None:     # its record names the source by path (journal.py)
+            raise SnapfsError(errno.EBUSY, f"{tracker.name} has a CDP journal: cdp_stop first")
         if self._nursery is None:
             raise SnapfsError(errno.ENOTSUP, "no background tasks here to copy with")
 
@@ -480,6 +493,108 @@ class Registry:
             else:
                 storage.grow_done(target)
 
+    # ----- CDP journals (cdp.py) -------------------------------------------------------
+
+    def recorder(self, name: str) -> cdp.Recorder:
+        """The journal of device ``name``: ENOENT device, ESRCH none."""
+        tracker = self.device(name)
+        if tracker.recorder is None:
+            raise SnapfsError(errno.ESRCH, f"{name} has no CDP journal")
+        return tracker.recorder
+
+    async def cdp_start(self, name: str, storage: str, limit: int, retain_ns: int | None,
+                        view: View = SAME) -> cdp.Recorder:
+        """Journal every later write of ``name`` into the directory ``storage``
+        (refused as a difference storage would be: §4 Guard). EBUSY journaled already
+        or the directory in use; EINVAL limit, not a directory, refused."""
+        tracker = self.device(name)
+        if tracker.recorder is not None:
+            raise SnapfsError(errno.EBUSY, f"{name} has a CDP journal already (cdp_stop first)")
+        if tracker.migration is not None:
+            raise SnapfsError(errno.EBUSY, f"{name} is migrating: start its journal once it is done")
+        if limit < cdp.LIMIT_MIN:
+            raise SnapfsError(errno.EINVAL, f"limit {limit} is below {cdp.LIMIT_MIN} bytes")
+        rec = await workers.run(cdp.start_blocking, tracker, self.guard(), storage, limit,
+                                retain_ns or 0, view)
+        if tracker.recorder is not None or tracker.detached:   # changed during the await
+            await workers.run(rec.remove_files)
+            raise SnapfsError(errno.EBUSY, f"{name} changed while its journal was being started")
+        tracker.recorder = rec
+        if self.journals is not None:
+            await workers.run(self.journals.save, tracker.source.path, rec.config())
+        log.info("CDP journal of %s started in %s (limit %d)", name, storage, limit)
+        return rec
+
+    async def cdp_stop(self, name: str) -> None:
+        """End the journal of ``name``: its views are destroyed, its files removed."""
+        rec = self.recorder(name)
+        for view in list(rec.views):
+            if view.id in self.snapshots:
+                await self.destroy(view.id)
+        rec.fail("cdp_stop")
+        tracker = self.device(name)
+        if tracker.recorder is rec:
+            tracker.recorder = None
+        await workers.run(rec.remove_files)
+        if self.journals is not None:
+            await workers.run(self.journals.forget, tracker.source.path)
+        log.info("CDP journal of %s stopped", name)
+
+    async def cdp_mark(self, name: str, label: str, nofreeze: bool) -> tuple[int, list[str]]:
+        """A named instant of ``name``, with the filesystems stacked on it frozen
+        (as take does) unless ``nofreeze``: (its time in ns, mount points frozen)."""
+        rec = self.recorder(name)
+        frozen: list = []
+        try:
+            if not nofreeze:
+                frozen, _ = await workers.run(freeze_stacked, lambda: self._files_of([name]))
+            return await rec.mark(label), [mp for mp, _ in frozen]
+        finally:
+            if frozen:
+                with trio.CancelScope(shield=True):
+                    await workers.run(thaw, frozen)
+
+    async def cdp_view(self, name: str, when: str) -> cdp.CdpView:
+        """The device ``name`` as it was at ``when``, shown as a snapshot image."""
+        rec = self.recorder(name)
+        instant, label = rec.instant(when)
+        rec.check_viewable(instant)
+        events = EventLog([self.listener.events_changed])
+        scratch = await workers.run(cdp.open_scratch, rec, self.params, self._schedule_grow)
+        try:
+            rec.check_viewable(instant)        # again: the history may have moved
+        except BaseException:
+            await workers.run(scratch.close)
+            raise
+        view = cdp.CdpView(rec, instant, label, scratch, self.params, events)
+        self.snapshots[view.id] = view
+        log.info("CDP view %s of %s at %.6f", view.id, name, instant / 1e9)
+        return view
+
+    def resume_journal(self, tracker: Tracker) -> None:
+        """Blocking: take up the journal a previous mount ran on this source (state.py),
+        if any. Failures are logged: the device works without it."""
+        config = self.journals.load(tracker.source.path) if self.journals is not None else None
+        if config is None:
+            return
+        try:
+            tracker.recorder = cdp.resume_blocking(tracker, config)
+        except (OSError, SnapfsError) as exc:
+            log.error("cannot take up the CDP journal of %s in %s: %s", tracker.name, config["storage"], exc)
+
+    def close_journals(self) -> None:
+        """Clean stop (blocking): journals synced, recorded with the CBT generation, closed."""
+        for tracker in self.devices.values():
+            rec = tracker.recorder
+            if rec is None:
+                continue
+            try:
+                rec.close(sync=True)
+                if rec.running and self.journals is not None:
+                    self.journals.save(tracker.source.path, rec.config())
+            except OSError as exc:
+                log.error("closing the CDP journal of %s: %s", tracker.name, exc)
+
     # ----- status ----------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -491,6 +606,7 @@ class Registry:
             "devices": {name: t.statistics() for name, t in self.devices.items()},
             "snapshots": {sid: s.info() for sid, s in self.snapshots.items()},
             "migrations": {name: m.info() for name, m in self.migrations.items()},
+            "cdp": {name: t.recorder.info() for name, t in self.devices.items() if t.recorder},
         }
 
 

@@ -168,7 +168,7 @@ async def point_in_time(snap: Snapshot, device_files: Callable[[], set[tuple[int
     frozen: list = []
     try:
         if not nofreeze:
-            frozen, snap.not_frozen = await workers.run(_freeze_stacked, device_files)
+            frozen, snap.not_frozen = await workers.run(freeze_stacked, device_files)
         if snap.destroyed:
             raise SnapfsError(errno.ESRCH, f"snapshot {snap.id} was destroyed during take")
         if snap.taken:
@@ -181,7 +181,9 @@ async def point_in_time(snap: Snapshot, device_files: Callable[[], set[tuple[int
                 await workers.run(freeze.thaw, frozen)
 
 
-def _freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> tuple[list, list[str]]:
+def freeze_stacked(device_files: Callable[[], set[tuple[int, int]]]) -> tuple[list, list[str]]:
+    """Blocking: freeze the filesystems stacked on the device files ``device_files()``
+    names (take step 1, and ``cdp_mark``); (frozen, loop devices not frozen)."""
     mounts, hidden = freeze.stacked_mounts(device_files())
     for loop in hidden:
         log.warning("not freezing %s: it is in use but no mount of it is visible here "

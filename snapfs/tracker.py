@@ -4,6 +4,8 @@ Write path (``write``), the one owner of a device write, once admitted by the ga
     1. clip to the device size (sizes are fixed); with protected ranges
        (``rules``, protect.py), EPERM or an audit line;
     2. mark the CBT write map (before COW, so even a failed copy is tracked);
+    2b. if a CDP journal runs: ``recorder.before_write`` returns once the old data
+       is journaled (cdp.py; it never fails the write), ``after_write`` after step 4;
     3. if a snapshot is taken: ``DiffArea.before_write`` returns once every chunk the
        write touches is in the storage (or the image is corrupted: it never fails the
        write);
@@ -89,6 +91,7 @@ class Tracker:
         self.capacity = source.size
         self.cbt = cbt or CBT(source.size, tracking_block_size(source.size, params))
         self.area: DiffArea | None = None
+        self.recorder = None     # cdp.Recorder while a journal runs: before_write/after_write/sync
         self.snapshot_id: str | None = None
         self.gate = WriteGate()
         self.rules: Rules | None = None     # None: no protected range (the write path's one test)
@@ -121,37 +124,49 @@ class Tracker:
             if self.rules is not None:
                 self.rules.admit(offset, n, writer)
             self.cbt.mark(offset, n)
-            if self.area is not None:
-                await self.area.before_write(offset, n)
             piece = memoryview(data)[:n]
+            rec = self.recorder
+            ticket = await rec.before_write(offset, n, piece) if rec is not None else None
+            done = False
             try:
+                if self.area is not None:
+                    await self.area.before_write(offset, n)
                 if self.migration is None:       # the common case: no closure, no hop
                     await self.source.io.write(offset, piece)
                 else:
                     await self.migration.write(offset, n, lambda source: source.io.write(offset, piece))
+                done = True
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
+            finally:
+                if ticket is not None:
+                    rec.after_write(ticket, done)
             self.bytes_written += n
             self.write_requests += 1
             return n
 
     async def discard(self, offset: int, length: int, writer: Writer = NOBODY) -> None:
-        """DISCARD / punch-hole counts as a write: protected ranges, CBT mark and COW,
-        then deallocate."""
+        """DISCARD / punch-hole counts as a write: protected ranges, CBT mark, journal and
+        COW, then deallocate."""
         async with self.gate.admitted():
             n = self._clip(offset, length)
             if self.rules is not None:
                 self.rules.admit(offset, n, writer)
             self.cbt.mark(offset, n)
-            if self.area is not None:
-                await self.area.before_write(offset, n)
+            rec = self.recorder
+            ticket = await rec.before_write(offset, n, None) if rec is not None else None
             try:
+                if self.area is not None:
+                    await self.area.before_write(offset, n)
                 if self.migration is None:
                     await self.source.io.run(self.source.punch, offset, n)
                 else:      # a migration in progress punches its target too (migrate.py)
                     await self.migration.write(offset, n, lambda src: src.io.run(src.punch, offset, n))
             except OSError as exc:
                 raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
+            finally:
+                if ticket is not None:
+                    rec.after_write(ticket, False)     # a discard's windows are gone anyway
 
     async def read(self, offset: int, size: int) -> bytes:
         """Device read (no snapshot involvement)."""
@@ -172,6 +187,8 @@ class Tracker:
         source = self.source
         try:
             with workers.priority.request(), source.users.using():
+                if self.recorder is not None:      # the journal is durable first
+                    await self.recorder.sync()
                 await source.io.sync(source.fsync)
         except OSError as exc:
             raise SnapfsError.from_oserror(exc, f"syncing device {self.name}") from None

@@ -54,6 +54,7 @@ def test_bench_quick_prints_the_table(tmp_path):
     assert REAL_HEADER.search(done.stdout), output
     assert HEADER.search(done.stdout).start() < REAL_HEADER.search(done.stdout).start(), output
     assert "protected ranges: page-cached 4 KiB random writes" in done.stdout, output
+    assert "| cdp_view open" in done.stdout and "vs the snapshot image taken halfway" in done.stdout, output
     doc = json.loads(report.read_text())
     rows, real_rows = doc["rows"], doc["real_rows"]
     assert rows and all({"workload", "unit", "snapfs", "qemu", "raw", "ratio"} <= set(r) for r in rows)

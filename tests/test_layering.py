@@ -21,6 +21,7 @@ LAYERS = [
     "guard", "freeze", "claims",
     "source", "cbt", "events", "protect", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
     "migrate",
+    "journal", "cdp",                                               # continuous data protection
     "cbtstate", "registry", "control",                              # persistence, registry, commands
     "fusecommon", "fs", "stop", "detach", "mount",                  # the FUSE adapter, lifecycle
     "client", "fiemap", "backup", "cli", "__main__",               # the other side: the CLI

@@ -71,7 +71,7 @@ def cmd_create(args) -> int:
     repo, mount = Repo(args.repo), os.path.abspath(find_mount(args.mount))
     opts = CreateOptions(storage=args.storage, storage_limit=args.storage_limit, freeze=not args.nofreeze,
                          full=args.full, audit=args.cbt_audit, workers=args.workers,
-                         io_priority=args.io_priority, rate_limit=args.rate_limit)
+                         io_priority=args.io_priority, rate_limit=args.rate_limit, at=args.at)
     out = Output(args.json)
     manifest = create(repo, args.names, mount, opts, out)
     devices = manifest["devices"]
@@ -250,6 +250,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                         "busy (default idle)")
     v.add_argument("--rate-limit", type=float, default=0.0, metavar="MIB_S",
                    help="read the images at most this many MiB/s (default 0: no limit)")
+    v.add_argument("--at", metavar="WHEN", help="the devices as they were at WHEN (UNIX seconds, "
+                   "ISO-8601 UTC such as 2026-12-03T07:00:00.25Z, or a cdp_mark label), read from "
+                   "their CDP journals (cdp_start): no snapshot is taken")
 
     verb("list", cmd_list, "list the points")
     v = verb("info", cmd_info, "show one point: devices, sizes, bytes read and new, why full")

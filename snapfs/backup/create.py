@@ -12,7 +12,12 @@ change of the source, a resized or replaced device, ``--full``, a failed CBT aud
 every chunk is read and hashed, and only chunks the repository lacks are stored. The
 reason is printed and kept in the manifest.
 
-The snapshot is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL leaves
+With ``--at WHEN`` there is no snapshot: each device is read from a CDP view of
+that instant (``cdp_view``, issue 22), whole (CBT knows only what changed since the
+newest take, not since a past instant; chunks the repository has are not stored
+again), and the manifest records the instant and whether it is a mark.
+
+The snapshot (or the views) is destroyed always, also on failure or Ctrl-C/SIGTERM. A SIGKILL leaves
 it alive; ``lease.json`` names it, and the next writer on the repository destroys it.
 A failed run also removes the chunks it stored and its indexes (no point references
 them: the run holds the writer lock, and a chunk it stored was not in the
@@ -56,6 +61,7 @@ class CreateOptions:
     workers: int = 4
     io_priority: str = "normal"   # pace.PRIORITIES: the I/O class the whole run reads and writes at
     rate_limit: float = 0.0       # MiB/s read from the images at most (0: no limit)
+    at: str | None = None         # a past instant (UNIX seconds, ISO-8601 UTC or a mark): CDP views
 
 
 def changed_pieces(cbt_map: bytes, since: int, block_size: int, size: int,
@@ -75,9 +81,12 @@ def changed_pieces(cbt_map: bytes, since: int, block_size: int, size: int,
 
 
 def plan(parent: dict | None, name: str, info: dict, cbt_map: bytes, chunk_size: int,
-         full: bool) -> tuple[str | None, dict[int, list[tuple[int, int]]] | None]:
-    """(why a full read is needed, None) or (None, ``changed_pieces`` since the parent)."""
+         full: bool | str) -> tuple[str | None, dict[int, list[tuple[int, int]]] | None]:
+    """(why a full read is needed, None) or (None, ``changed_pieces`` since the parent).
+    ``full``: True (--full) or the reason a full read is needed."""
     size = info["device_capacity"]
+    if isinstance(full, str):
+        return full, None
     if parent is None:
         return f"first backup of {name} in this repository", None
     old = parent["devices"][name]
@@ -316,7 +325,8 @@ def backup_device(repo: Repo, store: ChunkStore, point: str, name: str, image: s
     size, chunk_size = info["device_capacity"], repo.chunk_size
     count = chunk_count(size, chunk_size)
     parent = repo.latest_with(name)
-    reason, changed = plan(parent, name, info, cbt_map, chunk_size, opts.full)
+    full = f"a past instant (--at {opts.at}): read whole" if opts.at else opts.full
+    reason, changed = plan(parent, name, info, cbt_map, chunk_size, full)
     reader = DeviceReader(image, size, store, opts.workers, RateLimit(opts.rate_limit), stored)
     audit = None
     try:
@@ -373,10 +383,11 @@ def release_leftover(repo: Repo, out: Output) -> None:
     lease = repo.read_lease()
     if lease is None:
         return
-    if os.path.isdir(os.path.join(lease.get("mount", ""), "snapshots", lease.get("snapshot", "-"))):
-        reply = send(lease["mount"], f"snapshot_destroy {quote(lease['snapshot'])}")
-        if reply.get("ok"):
-            out.say(f"destroyed snapshot {lease['snapshot']} left by an interrupted backup")
+    for snap in [lease.get("snapshot") or "-", *lease.get("views", [])]:
+        if os.path.isdir(os.path.join(lease.get("mount", ""), "snapshots", snap)):
+            reply = send(lease["mount"], f"snapshot_destroy {quote(snap)}")
+            if reply.get("ok"):
+                out.say(f"destroyed snapshot {snap} left by an interrupted backup")
     repo.clear_lease()
 
 
@@ -388,6 +399,8 @@ def create(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: O
     with repo.lock():
         repo.clear_tmp()
         release_leftover(repo, out)
+        if opts.at:
+            return create_at(repo, names, mount, opts, out)
         sizes = [read_cbt(mount, name)[0]["device_capacity"] for name in names]
         limit = opts.storage_limit or sum(sizes) + STORAGE_SLACK
         snap = command(mount, f"snapshot_create {quote(os.path.abspath(opts.storage))} {limit} "
@@ -397,6 +410,28 @@ def create(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: O
             return take_and_back_up(repo, names, mount, snap, opts, out)
         finally:
             destroy(repo, mount, snap, out)
+
+
+def create_at(repo: Repo, names: list[str], mount: str, opts: CreateOptions, out: Output) -> dict:
+    """A point of ``names`` as they were at ``opts.at``, read from CDP views."""
+    views: dict[str, dict] = {}
+    try:
+        for name in names:
+            views[name] = command(mount, f"cdp_view {quote(name)} {quote(opts.at or '')}")
+            repo.write_lease({"mount": mount, "snapshot": None, "views": [v["id"] for v in views.values()],
+                              "pid": os.getpid()})
+        instants = {v["instant"] for v in views.values()}
+        mark = next((v["mark"] for v in views.values() if v["mark"]), None)
+        out.say(f"views of {opts.at} opened" + (f" (mark {mark})" if mark else ""))
+        images = {n: os.path.join(mount, "snapshots", v["id"], n) for n, v in views.items()}
+        meta = {"snapshot": None, "consistency": f"mark {mark}" if mark else "crash-consistent",
+                "frozen": [], "not_frozen": [],
+                "at": {"when": opts.at, "instant": min(instants), "mark": mark,
+                       "views": {n: v["id"] for n, v in views.items()}}}
+        return back_up(repo, names, mount, images, opts, out, min(instants), meta)
+    finally:
+        for view in views.values():
+            destroy(repo, mount, view["id"], out)
 
 
 def destroy(repo: Repo, mount: str, snap: str, out: Output) -> None:
@@ -420,14 +455,24 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     frozen, not_frozen = take.get("frozen", []), take.get("not_frozen", [])
     out.say(f"snapshot {snap} taken" + (f", froze {', '.join(frozen)}" if frozen else "")
             + (f", could NOT freeze {', '.join(not_frozen)}" if not_frozen else ""))
+    meta = {"snapshot": snap, "consistency": "frozen" if frozen and not not_frozen else "crash-consistent",
+            "frozen": frozen, "not_frozen": not_frozen}
+    images = {name: os.path.join(mount, "snapshots", snap, name) for name in names}
+    return back_up(repo, names, mount, images, opts, out, started, meta)
+
+
+def back_up(repo: Repo, names: list[str], mount: str, images: dict[str, str], opts: CreateOptions,
+            out: Output, started: float, meta: dict) -> dict:
+    """Read every device's image into the repository and write the manifest (with
+    ``meta``: snapshot, consistency, frozen, not_frozen, and ``at`` for a past instant)."""
+    begun = time.time()
     point = repo.new_point_id(started)
     store, stored = ChunkStore(repo, deferred=True), []
     devices = {}
     try:
         for name in names:
             info, cbt_map = read_cbt(mount, name)
-            image = os.path.join(mount, "snapshots", snap, name)
-            devices[name] = backup_device(repo, store, point, name, image, info, cbt_map, opts, out,
+            devices[name] = backup_device(repo, store, point, name, images[name], info, cbt_map, opts, out,
                                           stored)
         try:
             store.sync()                  # the committer's first error, if any
@@ -443,10 +488,8 @@ def take_and_back_up(repo: Repo, names: list[str], mount: str, snap: str, opts: 
     manifest = {
         "format": 1, "point": point, "unix_time": started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "tool_version": __version__, "mount": mount, "snapshot": snap,
-        "consistency": "frozen" if frozen and not not_frozen else "crash-consistent",
-        "frozen": frozen, "not_frozen": not_frozen, "chunk_size": repo.chunk_size,
-        "devices": devices, "stats": {**totals, "duration": round(time.time() - started, 3)},
+        "tool_version": __version__, "mount": mount, **meta, "chunk_size": repo.chunk_size,
+        "devices": devices, "stats": {**totals, "duration": round(time.time() - begun, 3)},
     }
     try:
         repo.write_manifest(manifest)

@@ -448,9 +448,11 @@ class Repo:
         raise SnapfsError(errno.EINVAL, f"{spec!r} names {len(matches)} points; give more of it")
 
     def latest_with(self, name: str) -> dict | None:
-        """The newest point that holds device NAME (the parent of its next backup)."""
+        """The newest point that holds device NAME (the parent of its next backup),
+        not counting points of a past instant (``create --at``: CBT says nothing of
+        what changed since then)."""
         for manifest in reversed(self.points()):
-            if name in manifest["devices"]:
+            if name in manifest["devices"] and not manifest.get("at"):
                 return manifest
         return None
 

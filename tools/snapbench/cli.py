@@ -36,6 +36,11 @@ while ``snapfs backup create`` runs and while ``cp`` copies as much plain data f
 the same disk (--load-source picks one source); --load-rounds rounds; --load-only runs
 only these.
 
+CDP (fifth table, ``snapbench/cdp.py``; --no-cdp skips it, --cdp-only runs only it):
+pgbench with a CDP journal off and on, journal bytes per byte written, a history of
+--cdp-writes 4 KiB writes (RSS growth), ``cdp_view`` open time and sequential reads
+of views against a snapshot image.
+
 Backup (fourth table, ``snapbench/backup.py``; --no-backup skips it, --backup-only runs
 only it): ``snapfs backup`` against ``borg create`` and ``dd`` on one uncached
 --backup-size device of mixed data: full, 1% incremental, restore, verify, repository size.
@@ -71,6 +76,7 @@ from pathlib import Path
 from snapfs.params import parse_size
 
 from .backup import run_backup_bench
+from .cdp import run_cdp_bench
 from .common import CLUSTER, CONTENDERS, BenchError, Config, MiB, log
 from .contenders import Contender, Raw, Snapfs
 from .interpose import INTERPOSE_ROWS, run_interpose
@@ -94,10 +100,10 @@ EXIT_FAILURES, EXIT_ERROR, EXIT_INTERRUPTED = 3, 1, 130
 QUICK = {"size": 64 * MiB, "rounds": 1, "runtime": 1, "takes": 3, "hold": 0.1, "scatter": 64 * MiB,
          "real_size": 256 * MiB, "real_rounds": 1, "real_runtime": 2, "load": False,
          "backup_size": 64 * MiB, "interpose_runtime": 5, "protect_rounds": 1,
-         "protect_size": 64 * MiB, "migrate": False}
+         "protect_size": 64 * MiB, "migrate": False, "cdp_size": 16 * MiB, "cdp_writes": 4000}
 NUMBERS = ("rounds", "size", "runtime", "takes", "scatter", "real_size", "real_rounds", "real_runtime",
            "load_size", "load_rounds", "backup_size", "interpose_runtime", "protect_rounds",
-           "protect_baseline", "migrate_size", "migrate_rounds")
+           "protect_baseline", "migrate_size", "migrate_rounds", "cdp_size", "cdp_writes")
 
 
 def _size_arg(text: str) -> int:
@@ -150,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate-only", action="store_true", help="run only the migration-under-load table")
     p.add_argument("--migrate-size", type=_size_arg, help="device migrated under pgbench (default 2G)")
     p.add_argument("--migrate-rounds", type=int, help="rounds of the migration table (default 3)")
+    p.add_argument("--no-cdp", action="store_true", help="skip the CDP table")
+    p.add_argument("--cdp-only", action="store_true", help="run only the CDP table (pgbench with the "
+                   "journal off and on, a history of --cdp-writes writes: memory, view open and read)")
+    p.add_argument("--cdp-size", type=_size_arg, help="device of the CDP history (default 256M)")
+    p.add_argument("--cdp-writes", type=int, help="4 KiB writes in the CDP history (default 1000000; "
+                   "0: no history rows)")
     return p
 
 
@@ -159,10 +171,10 @@ def parse_args(argv: list[str] | None) -> Config:
     a = p.parse_args(argv)
     only = ("backup" if a.backup_only else "load" if a.load_only else "real" if a.real_only
             else "protect" if a.protect_only
-            else "migrate" if a.migrate_only else None)
+            else "migrate" if a.migrate_only else "cdp" if a.cdp_only else None)
     cfg = Config(quick=a.quick, qemu=not a.no_qemu, real=not a.no_real, workdir=a.workdir, json=a.json,
                  load=not a.no_load or a.load_only, backup=not a.no_backup or a.backup_only, only=only,
-                 protect=not a.no_protect or a.protect_only)
+                 protect=not a.no_protect or a.protect_only, cdp=not a.no_cdp or a.cdp_only)
     cfg.migrate = not a.no_migrate
     if a.quick:
         for key, value in QUICK.items():
@@ -170,7 +182,7 @@ def parse_args(argv: list[str] | None) -> Config:
     for key in NUMBERS:
         if getattr(a, key) is not None:
             setattr(cfg, key, getattr(a, key))
-    if (a.load and a.quick) or a.load_only:
+    if (a.load and a.quick) or a.load_only or (a.cdp_only and not a.quick and not a.no_load):
         cfg.load = True
     if a.migrate_only:
         cfg.migrate = True
@@ -250,6 +262,9 @@ def run_all(cfg: Config, work: Path, res: Results) -> None:
             res.extra["protect"] = run_protect_bench(cfg, work)
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             res.fail("protect", "snapfs", exc)
+    if cfg.cdp and cfg.only in (None, "cdp"):
+        text, rows = run_cdp_bench(cfg, work)
+        res.extra["cdp"] = {"table": text, "rows": rows}
 
 
 def run_snapshot_sections(cfg: Config, work: Path, res: Results) -> None:

@@ -54,6 +54,9 @@ class Config:
     interpose_runtime: int = 30  # seconds of pgbench per contender in the interposition table
     backup: bool = True          # the backup section (snapbench/backup.py)
     backup_size: int = 4 * GiB   # its device
+    cdp: bool = True             # the CDP section (snapbench/cdp.py)
+    cdp_size: int = 256 * MiB    # its history device
+    cdp_writes: int = 1_000_000  # 4 KiB writes in its history
     protect: bool = True         # the protected-ranges section (snapbench/protect.py)
     protect_rounds: int = 6
     protect_size: int = 256 * MiB
@@ -61,6 +64,6 @@ class Config:
     migrate: bool = True         # the migration-under-load section (migration)
     migrate_size: int = 2 * GiB  # its device
     migrate_rounds: int = 3
-    only: str | None = None      # run only this section: load, backup, real, protect or migrate
+    only: str | None = None      # run only this section: load, backup, real, protect, migrate or cdp
     workdir: str | None = None
     json: str | None = None

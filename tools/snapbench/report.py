@@ -176,7 +176,7 @@ def report(res: Results, cfg: Config, started: float) -> str:
     if cfg.migrate and cfg.only in (None, "migrate"):
         from .migration import migration_table
         parts.append(migration_table(res, cfg))
-    for section in ("backup", "protect"):
+    for section in ("backup", "protect", "cdp"):
         if section in res.extra:
             parts.append(res.extra[section]["table"])
     text = "\n\n".join(parts)
