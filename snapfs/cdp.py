@@ -367,7 +367,8 @@ class Recorder:
                 try:
                     await seg.io.sync(seg.fdatasync)
                 except OSError as exc:
-                    self.fail(f"journal fsync failed: {exc}")
+                    if number in self.segments:    # else dropped meanwhile: nothing to keep
+                        self.fail(f"journal fsync failed: {exc}")
 
     async def mark(self, label: str) -> int:
         """Record a named instant; its time (ns). EEXIST label taken, EIO stopped."""
