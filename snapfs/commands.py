@@ -301,10 +301,9 @@ COMMANDS: dict[str, Command] = _commands(
             "keeping at least RETAIN (s, m, h, d)",
             "journal every later write of NAME into the directory STORAGE, at most LIMIT bytes, keeping "
             "at least RETAIN (seconds, or a suffix s, m, h, d; default: what LIMIT holds) (§9)",
-            "ENOENT device; EBUSY journaled already, migrating, or STORAGE used by another journal; "
-            "EINVAL limit below "
-            "4M, not a directory, refused (§4 Guard), bad RETAIN; EXDEV STORAGE named from another mount "
-            "namespace", view=True),
+            "ENOENT device; EBUSY journaled already, migrating, or STORAGE used by another journal; EINVAL "
+            "limit below 4M, not a directory, refused (§4 Guard), bad RETAIN; EXDEV STORAGE named from "
+            "another mount namespace", view=True),
     Command("cdp_stop", (Arg("name", NAME),), "end the journal of NAME (its views and files go)",
             "ends the journal: its views are destroyed, its files removed", "ENOENT; ESRCH no journal"),
     Command("cdp_info", (Arg("name", NAME),),
