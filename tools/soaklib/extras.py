@@ -60,7 +60,9 @@ def marked_backup(world: World, cmd: list[str]) -> dict:
                     taken.set()
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        taken.wait(120)
+        deadline = time.monotonic() + 120
+        while not taken.wait(0.05) and proc.poll() is None and time.monotonic() < deadline:
+            pass
     finally:
         stack.thaw()
     try:
