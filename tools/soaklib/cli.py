@@ -262,6 +262,8 @@ def main(argv=None) -> int:
         if not args.keep:
             with shielded():
                 remove_scratch(work)
+    for name, (passed, failed) in sorted(world.ledger.counts.items()):
+        log(f"check {name}: {passed} passed, {failed} failed")
     for failure in world.ledger.failures:
         log(f"failed: {failure}")
     print(figures(world, bench), flush=True)
