@@ -11,6 +11,7 @@ figures; the exit code is 0 only when every check held, 1 otherwise, 2 when the 
 could not run."""
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ from . import extras, final
 from .agents import Plan, World, backup_agent, sampler, snapfs_cmd, snapshot_agent
 from .bench import Pgbench
 from .common import GiB, Ledger, log, run
-from .stack import Stack
+from .stack import DEVICE, Stack
 
 # not /var/tmp, /mnt or /srv: tests/test_docs.py detaches the loop devices over files there
 # that appeared during its run, and other worktrees' test suites run on this machine too
@@ -43,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--scale", type=int, help="pgbench scale (default 20 for 30 minutes or more, else 5)")
     p.add_argument("--seed", type=int, help="random seed (default: time)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, repository)")
+    p.add_argument("--samples", metavar="FILE", help="write the samples as JSON: the daemon's RSS and "
+                   "descriptors, pgbench's tps per second, the kill windows, the points")
     return p.parse_args(argv)
 
 
@@ -193,6 +196,18 @@ def end_checks(world: World, bench: Pgbench, features: dict) -> None:
     final.daemon_log_clean(world)
 
 
+def save_samples(path: str, world: World, bench: Pgbench) -> None:
+    doc = {"t0": world.t0, "daemon": [{"time": t, "life": life, "rss_mib": r, "fds": f}
+                                      for t, life, r, f in world.samples],
+           "tps": [{"time": t, "tps": v, "kill_segment": s.kill_at is not None}
+                   for s in bench.segments for t, v in s.tps],
+           "kill_windows": world.kill_windows, "life_starts": world.life_starts,
+           "points": [{k: p.get(k) for k in ("point", "unix_time", "stats")} | {"disk0": p["devices"][DEVICE]}
+                      for p in world.points]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def figures(world: World, bench: Pgbench) -> str:
     skip = world.t0 + (600 if world.plan.minutes >= 30 else 60)
     rss = [(t, life, r) for t, life, r, _ in world.samples]
@@ -266,5 +281,7 @@ def main(argv=None) -> int:
         log(f"check {name}: {passed} passed, {failed} failed")
     for failure in world.ledger.failures:
         log(f"failed: {failure}")
+    if args.samples:
+        save_samples(args.samples, world, bench)
     print(figures(world, bench), flush=True)
     return 0 if world.ledger.failed() == 0 else 1
