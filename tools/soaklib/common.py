@@ -1,6 +1,7 @@
 """What every part of the soak shares: the error type, progress logging, subprocesses
 and control commands that never block forever on the mount, and the check ledger."""
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -74,25 +75,17 @@ def run(cmd: list[str], timeout: float, check: bool = True, **kw) -> subprocess.
 
 
 def bounded(fn: Callable[[], object], timeout: float, what: str):
-    """``fn()`` in a thread; past ``timeout`` abort the FUSE connection and raise SoakError."""
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    """``fn()`` in a worker thread; past ``timeout`` abort the FUSE connection (which
+    fails the blocked call) and raise SoakError."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
         Fuse.abort()
-        thread.join(30)
-        raise SoakError(f"{what}: no answer within {timeout:.0f} s (FUSE connection aborted)")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
+        raise SoakError(f"{what}: no answer within {timeout:.0f} s (FUSE connection aborted)") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def ctl(mountpoint: str, line: str, timeout: float = 90) -> dict:
