@@ -88,7 +88,9 @@ def cdp_view_sha(world: World, label: str) -> str:
 
 def pick_marked_point(world: World, kept: set) -> dict | None:
     """The kept, CDP-marked point nearest a random instant of the run."""
-    marked = [p for p in world.points if p.get("cdp_mark") and p["point"] in kept]
+    info = ctl(str(world.stack.mnt), f"cdp_info {DEVICE}")
+    oldest = float(info.get("oldest") or 0)         # a migration restarts the journal
+    marked = [p for p in world.points if p.get("cdp_mark") and p["point"] in kept and p["unix_time"] > oldest]
     if not marked:
         return None
     first, last = world.points[0]["unix_time"], time.time()
@@ -102,9 +104,16 @@ def migrate_round_trip(world: World) -> None:
     """disk0 to a new file and back to its loop device, each pivoted once ``ready``."""
     stack = world.stack
     target = stack.work / "migrated.img"
-    for dest in (str(target), stack.loop_source):
-        migrate_once(world, dest)
-        stack.source = dest
+    journal = world.create_point is not None       # CDP on: a migration refuses a journaled device
+    if journal:
+        ctl_ok(str(stack.mnt), f"cdp_stop {DEVICE}")
+    try:
+        for dest in (str(target), stack.loop_source):
+            migrate_once(world, dest)
+            stack.source = dest
+    finally:
+        if journal:
+            cdp_ensure(world)
     target.unlink(missing_ok=True)
 
 
