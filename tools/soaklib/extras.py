@@ -107,14 +107,20 @@ def migrate_round_trip(world: World) -> None:
     journal = world.create_point is not None       # CDP on: a migration refuses a journaled device
     if journal:
         ctl_ok(str(stack.mnt), f"cdp_stop {DEVICE}")
+    if stack.source == str(target):        # a kill left disk0 on the file: bring it home
+        legs: tuple[str, ...] = (stack.loop_source,)
+    else:                                  # a kill mid-copy leaves a half-copied target,
+        target.unlink(missing_ok=True)     # which the operator removes first
+        legs = (str(target), stack.loop_source)
     try:
-        for dest in (str(target), stack.loop_source):
+        for dest in legs:
             migrate_once(world, dest)
             stack.source = dest
     finally:
         if journal:
             cdp_ensure(world)
-    target.unlink(missing_ok=True)
+    if stack.source != str(target):
+        target.unlink(missing_ok=True)
 
 
 def migrate_once(world: World, dest: str) -> None:
