@@ -55,6 +55,8 @@ class DiffArea:
         self.closed = False
         self.cow_copies = 0
         self.image_copies = 0
+        self.writes_started = 0     # image writes begun / ended (readahead R1)
+        self.writes_done = 0
         self._copying: dict[int, trio.Event] = {}   # chunk -> its copy in flight
 
     def _chunk_span(self, i: int) -> tuple[int, int]:
@@ -210,25 +212,32 @@ class DiffArea:
         return k
 
     async def write(self, offset: int, data) -> None:
-        """Image write: goes only to the storage (copying the old chunk first)."""
+        """Image write: goes only to the storage (copying the old chunk first). Counted
+        in ``writes_started``/``writes_done`` (readahead R1)."""
         self.check_usable()
-        view = memoryview(data)
+        self.writes_started += 1
+        try:
+            with self.storage.in_flight.using():
+                await self._write_chunks(offset, memoryview(data))
+        finally:
+            self.writes_done += 1
+
+    async def _write_chunks(self, offset: int, view: memoryview) -> None:
         cs = self.chunk_size
         pos, end = offset, offset + len(view)
-        with self.storage.in_flight.using():
-            while pos < end:
-                i = pos // cs
-                stop = min((i + 1) * cs, end)
-                await self._ensure_copied(i, i, by_device=False)
-                if not self.copied[i]:
-                    self.check_usable()
-                try:
-                    await self.storage.io.write(self.slots[i] + pos - i * cs,
-                                                view[pos - offset : stop - offset])
-                except OSError as exc:
-                    self.corrupt(exc.errno or errno.EIO)
-                    self.check_usable()
-                pos = stop
+        while pos < end:
+            i = pos // cs
+            stop = min((i + 1) * cs, end)
+            await self._ensure_copied(i, i, by_device=False)
+            if not self.copied[i]:
+                self.check_usable()
+            try:
+                await self.storage.io.write(self.slots[i] + pos - i * cs,
+                                            view[pos - offset : stop - offset])
+            except OSError as exc:
+                self.corrupt(exc.errno or errno.EIO)
+                self.check_usable()
+            pos = stop
 
     def close(self) -> None:
         """Destroy: all later image I/O fails with EIO (requests in flight check

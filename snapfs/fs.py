@@ -111,7 +111,8 @@ class ImageHandle(BlockHandle):
     read-ahead, so a backup's copy does not fill the page cache with the image nor
     queue read-ahead ahead of the devices' own requests (measured: docs/performance.md);
     each read is one request of the reader's size (``st_blksize`` tells ``cp`` to use
-    1 MiB) and takes its turn (docs/concurrency.md rule 4)."""
+    1 MiB) and takes its turn (docs/concurrency.md rule 4); the daemon reads ahead of a
+    sequential reader itself (readahead.py)."""
 
     direct_io = True
 
@@ -333,7 +334,7 @@ class ImageFile(Entry):
 
     async def open(self, ops, flags, ctx):
         image = self.snap.image(self.name, ioprio.of(ctx.pid))
-        return ImageHandle(image, lambda: ops.registry.sync_image(image.area))
+        return ImageHandle(image, lambda: ops.registry.sync_image(image.area), image.close)
 
 
 class ReadOnlyFile(Entry):

@@ -29,6 +29,7 @@ from .diffstorage import DiffStorage
 from .errors import SnapfsError
 from .events import EventLog
 from .params import Params, chunk_size
+from .readahead import ReadAhead
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,14 @@ class Image:
         self.tracker = tracker
         self.area = area
         self.prio = prio          # the opener's I/O priority (ioprio), for its reads
+        self.ahead = ReadAhead(area, prio)
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.area.read(offset, size, self.prio)
+        return await self.ahead.read(offset, size)
+
+    def close(self) -> None:
+        """The handle is released: reads ahead are cancelled."""
+        self.ahead.drop()
 
     async def write(self, offset: int, data) -> int:
         return await self.tracker.image_write(self.area, offset, data)

@@ -19,7 +19,8 @@ LAYERS = [
     "errors", "params", "commands", "osutil", "blockdev", "mountinfo",           # leaves
     "namespace", "procs", "ioprio", "aio", "workers", "fileio",
     "guard", "freeze", "claims",
-    "source", "cbt", "events", "protect", "diffstorage", "diffarea", "tracker", "snapshot",   # the core
+    "source", "cbt", "events", "protect", "diffstorage", "diffarea", "readahead",    # the core
+    "tracker", "snapshot",
     "migrate",
     "journal", "cdp",                                               # continuous data protection
     "cbtstate", "registry", "control",                              # persistence, registry, commands
