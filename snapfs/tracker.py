@@ -119,54 +119,47 @@ class Tracker:
             return await self._write(offset, data, writer)
 
     async def _write(self, offset: int, data, writer: Writer) -> int:
+        n = await self._change(offset, len(data), writer, data)
+        self.bytes_written += n
+        self.write_requests += 1
+        return n
+
+    async def discard(self, offset: int, length: int, writer: Writer = NOBODY) -> None:
+        """DISCARD / punch-hole counts as a write: protected ranges, CBT mark, journal and
+        COW, then deallocate."""
+        await self._change(offset, length, writer, None)
+
+    async def _change(self, offset: int, length: int, writer: Writer, data) -> int:
+        """The one path of a change to the device, a write (``data``) or a discard
+        (None), in the order of the module docstring: admission, protected ranges, CBT
+        mark, journal, copy-before-write, then the source (and a migration's target).
+        Returns the bytes changed."""
         async with self.gate.admitted():
-            n = self._clip(offset, len(data))
+            n = self._clip(offset, length)
             if self.rules is not None:
                 self.rules.admit(offset, n, writer)
             self.cbt.mark(offset, n)
-            piece = memoryview(data)[:n]
+            piece = None if data is None else memoryview(data)[:n]
             rec = self.recorder
             ticket = await rec.before_write(offset, n, piece) if rec is not None else None
             done = False
             try:
                 if self.area is not None:
                     await self.area.before_write(offset, n)
-                if self.migration is None:       # the common case: no closure, no hop
+                if self.migration is not None:
+                    await self.migration.write(offset, n, lambda source: _apply(source, offset, n, piece))
+                elif piece is not None:           # the common case: no closure, no hop
                     await self.source.io.write(offset, piece)
                 else:
-                    await self.migration.write(offset, n, lambda source: source.io.write(offset, piece))
-                done = True
+                    await self.source.io.run(self.source.punch, offset, n)
+                done = piece is not None          # a discard's journal windows are gone anyway
             except OSError as exc:
-                raise SnapfsError.from_oserror(exc, f"writing device {self.name}") from None
+                what = "writing" if piece is not None else "discarding on"
+                raise SnapfsError.from_oserror(exc, f"{what} device {self.name}") from None
             finally:
                 if ticket is not None:
                     rec.after_write(ticket, done)
-            self.bytes_written += n
-            self.write_requests += 1
             return n
-
-    async def discard(self, offset: int, length: int, writer: Writer = NOBODY) -> None:
-        """DISCARD / punch-hole counts as a write: protected ranges, CBT mark, journal and
-        COW, then deallocate."""
-        async with self.gate.admitted():
-            n = self._clip(offset, length)
-            if self.rules is not None:
-                self.rules.admit(offset, n, writer)
-            self.cbt.mark(offset, n)
-            rec = self.recorder
-            ticket = await rec.before_write(offset, n, None) if rec is not None else None
-            try:
-                if self.area is not None:
-                    await self.area.before_write(offset, n)
-                if self.migration is None:
-                    await self.source.io.run(self.source.punch, offset, n)
-                else:      # a migration in progress punches its target too (migrate.py)
-                    await self.migration.write(offset, n, lambda src: src.io.run(src.punch, offset, n))
-            except OSError as exc:
-                raise SnapfsError.from_oserror(exc, f"discarding on {self.name}") from None
-            finally:
-                if ticket is not None:
-                    rec.after_write(ticket, False)     # a discard's windows are gone anyway
 
     async def read(self, offset: int, size: int) -> bytes:
         """Device read (no snapshot involvement)."""
@@ -222,3 +215,11 @@ class Tracker:
             "denied_writes": self.rules.denied if self.rules else 0,
             "cbt": cbt.info() | {"active": cbt.active},
         }
+
+
+def _apply(source, offset: int, n: int, piece):
+    """The source part of a change (``Tracker._change``) on ``source``: write ``piece``,
+    or punch when it is None. A coroutine."""
+    if piece is not None:
+        return source.io.write(offset, piece)
+    return source.io.run(source.punch, offset, n)
