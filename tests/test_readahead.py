@@ -34,7 +34,7 @@ def counting(area) -> list:
 
 
 async def test_a_sequential_reader_gets_pieces_read_ahead(tmp_path):
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     image = snap.image("d")
     calls = counting(snap.areas["d"])
@@ -46,7 +46,8 @@ async def test_a_sequential_reader_gets_pieces_read_ahead(tmp_path):
     # the first MIN_STREAK reads read for themselves, the rest came from pieces of
     # readahead.PIECE: every byte read once, nothing past the end
     assert calls[: readahead.MIN_STREAK] == [(i * PIECE, PIECE) for i in range(readahead.MIN_STREAK)]
-    assert [size for _, size in calls[readahead.MIN_STREAK : -1]] == [readahead.PIECE] * (len(calls) - 3)
+    ahead = sorted(calls[readahead.MIN_STREAK :])
+    assert [size for _, size in ahead[:-1]] == [readahead.PIECE] * (len(ahead) - 1)
     pos = 0
     for off, size in sorted(calls):
         assert off == pos
@@ -77,7 +78,7 @@ async def test_device_writes_ahead_of_the_reader_do_not_leak_into_pieces(tmp_pat
 async def test_an_image_write_inside_the_window_is_seen(tmp_path, settle):
     """R1: an image write into a range already read ahead (settled or still in
     flight) is what the next read of it returns."""
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     image, writer = snap.image("d"), snap.image("d")
     for off in range(0, 3 * PIECE, PIECE):
@@ -97,7 +98,7 @@ async def test_an_image_write_inside_the_window_is_seen(tmp_path, settle):
 async def test_no_piece_starts_while_an_image_write_is_in_flight(tmp_path):
     """R1's other half: a piece started during a write could read the range before the
     write lands and be used after it: none is started then."""
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     area = snap.areas["d"]
     image, writer = snap.image("d"), snap.image("d")
@@ -116,7 +117,7 @@ async def test_no_piece_starts_while_an_image_write_is_in_flight(tmp_path):
 
 async def test_a_failed_piece_is_not_the_answer(tmp_path):
     """R3: a piece whose read failed makes the reader read for itself."""
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     area = snap.areas["d"]
     image = snap.image("d")
@@ -140,7 +141,7 @@ async def test_a_failed_piece_is_not_the_answer(tmp_path):
 
 async def test_parallel_readers_get_no_read_ahead(tmp_path):
     """R4: two reads in flight on one handle turn read-ahead off for it."""
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     image = snap.image("d")
     slow(snap.areas["d"].source.io, "pread", 0.1)
@@ -157,7 +158,7 @@ async def test_parallel_readers_get_no_read_ahead(tmp_path):
 
 
 async def test_a_miss_or_release_cancels_the_pieces(tmp_path):
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
     image = snap.image("d")
     for off in range(0, 3 * PIECE, PIECE):
@@ -176,7 +177,7 @@ async def test_a_miss_or_release_cancels_the_pieces(tmp_path):
 
 
 async def test_a_destroyed_image_fails_even_from_a_piece(tmp_path):
-    tracker, snap, data = make(tmp_path, size=SIZE)
+    _tracker, snap, _data = make(tmp_path, size=SIZE)
     snap.switch()
     image = snap.image("d")
     for off in range(0, 3 * PIECE, PIECE):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import Ledger, SoakError, ctl, ctl_ok, log, run
+from .common import Ledger, MiB, SoakError, ctl, ctl_ok, log, run
 from .stack import DEVICE, Stack, snapfs_exe
 
 
@@ -51,7 +51,8 @@ class World:
     snapshots: int = 0
     overflows: int = 0
     killed_since_point: bool = False
-    samples: list = field(default_factory=list)           # (time, life, rss MiB, fds)
+    samples: list = field(default_factory=list)           # (time, life, rss MiB, fds, index MiB)
+    cdp_on: bool = False                                  # a journal runs: the sampler reads its index size
     life: int = 0                                         # daemon starts so far
     life_starts: dict = field(default_factory=dict)       # life -> its start time
     t0: float = 0.0                                       # when the workload began
@@ -201,7 +202,9 @@ def overflow(world: World) -> None:
 # ----- the sampler ----------------------------------------------------------------------
 
 def sampler(world: World, every: float = 10) -> None:
-    """The daemon's VmRSS (MiB) and open descriptors every ``every`` s."""
+    """The daemon's VmRSS (MiB), open descriptors and, with CDP on, the journal index's
+    memory (``cdp_info``'s ``index_bytes``, MiB; bounded by the journal's LIMIT, so the
+    RSS net of it is what must stay flat) every ``every`` s."""
     while world.sleep(every):
         proc = world.stack.proc
         if proc is None or proc.poll() is not None:
@@ -212,4 +215,13 @@ def sampler(world: World, every: float = 10) -> None:
             fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
         except (OSError, StopIteration):
             continue
-        world.samples.append((time.time(), world.life, rss, fds))
+        index = 0.0
+        if world.cdp_on:
+            try:
+                info = ctl(str(world.stack.mnt), f"cdp_info {DEVICE}")
+            except (OSError, ValueError, SoakError):     # the daemon died meanwhile
+                continue
+            if not info.get("ok"):
+                continue
+            index = info.get("index_bytes", 0) / MiB
+        world.samples.append((time.time(), world.life, rss, fds, index))

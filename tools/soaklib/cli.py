@@ -197,8 +197,8 @@ def end_checks(world: World, bench: Pgbench, features: dict) -> None:
 
 
 def save_samples(path: str, world: World, bench: Pgbench) -> None:
-    doc = {"t0": world.t0, "daemon": [{"time": t, "life": life, "rss_mib": r, "fds": f}
-                                      for t, life, r, f in world.samples],
+    doc = {"t0": world.t0, "daemon": [{"time": t, "life": life, "rss_mib": r, "fds": f, "cdp_index_mib": x}
+                                      for t, life, r, f, x in world.samples],
            "tps": [{"time": t, "tps": v, "kill_segment": s.kill_at is not None}
                    for s in bench.segments for t, v in s.tps],
            "kill_windows": world.kill_windows, "life_starts": world.life_starts,
@@ -210,8 +210,9 @@ def save_samples(path: str, world: World, bench: Pgbench) -> None:
 
 def figures(world: World, bench: Pgbench) -> str:
     skip = world.t0 + (600 if world.plan.minutes >= 30 else 60)
-    rss = [(t, life, r) for t, life, r, _ in world.samples]
-    fds = [(t, life, f) for t, life, _, f in world.samples]
+    rss = [(t, life, r) for t, life, r, _, _ in world.samples]
+    net = [(t, life, r - x) for t, life, r, _, x in world.samples]
+    fds = [(t, life, f) for t, life, _, f, _ in world.samples]
     ok = world.ledger.failed() == 0
     return (f"soak {'PASSED' if ok else 'FAILED'}: {world.plan.minutes:g} min, "
             f"points made {len(world.points)}, "
@@ -219,7 +220,8 @@ def figures(world: World, bench: Pgbench) -> str:
             f"({len(world.kill_windows)} after SIGKILL), snapshots {world.snapshots}, "
             f"overflows {world.overflows}, "
             f"max RSS {max((r for *_, r in rss), default=0):.1f} MiB, "
-            f"RSS slope {final.slope(rss, skip, world.life_starts):+.2f} MiB/h, "
+            f"RSS slope {final.slope(rss, skip, world.life_starts):+.2f} MiB/h "
+            f"(net of the CDP index {final.slope(net, skip, world.life_starts):+.2f}), "
             f"max fds {max((f for *_, f in fds), default=0)}, "
             f"fd slope {final.slope(fds, skip, world.life_starts):+.1f}/h, "
             f"committed {bench.committed()}, lowest 1-s tps {bench.lowest_tps():.0f}, "

@@ -16,6 +16,8 @@ from .agents import World, create_result
 from .common import SoakError, ctl, ctl_ok, log, run
 from .stack import DEVICE
 
+JOURNAL_LIMIT = "2G"     # reached within the hour, so retention runs and the index levels off
+
 
 def known(mnt: str, command: str) -> bool:
     """Whether the daemon knows ``command`` (an unknown one is refused as such)."""
@@ -29,12 +31,13 @@ def cdp_ensure(world: World) -> None:
     """After each start: the journal is on (taken up again after a crash, else started)."""
     mnt = str(world.stack.mnt)
     info = ctl(mnt, f"cdp_info {DEVICE}")
+    world.cdp_on = True
     if info.get("ok") and not info.get("stopped"):
         log(f"CDP journal on: oldest {info.get('oldest')}, newest {info.get('newest')}")
         return
     journal = world.stack.work / "cdp"
     journal.mkdir(exist_ok=True)
-    ctl_ok(mnt, f"cdp_start {DEVICE} {journal} 8G")
+    ctl_ok(mnt, f"cdp_start {DEVICE} {journal} {JOURNAL_LIMIT}")
     log("CDP journal started")
 
 
