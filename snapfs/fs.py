@@ -257,6 +257,19 @@ class Dir(Entry):
         return Attrs(stat.S_IFDIR | 0o755)
 
 
+class Gone(Entry):
+    """What a node of a destroyed snapshot shows until the kernel forgets its inode:
+    nothing, and no reference to the snapshot (its maps would stay in memory as long as
+    the kernel keeps the dentry, which may be forever). Such a node is not alive
+    (``Operations._alive``), so every request on it is ENOENT."""
+
+    def __init__(self, inode: int):
+        self.key = ("gone", inode)
+
+    def attrs(self):
+        raise SnapfsError(errno.ENOENT, "destroyed")
+
+
 class RootDir(Dir):
     key = ("root",)
 
@@ -458,9 +471,10 @@ class Operations(BaseOperations):
     enable_acl = False
 
     def __init__(self, owner_uid: int, owner_gid: int, invalidate=pyfuse3.invalidate_inode,
-                 image_group: int | None = None):
+                 image_group: int | None = None, invalidate_entry=pyfuse3.invalidate_entry_async):
         super().__init__()
-        self._invalidate = invalidate     # tests without a mount pass a recorder
+        self._invalidate = invalidate     # tests without a mount pass recorders
+        self._invalidate_entry = invalidate_entry
         self.registry: Registry | None = None
         self.owner = (owner_uid, owner_gid)
         self.image_group = image_group    # --image-group: images and CBT files readable by it
@@ -485,11 +499,23 @@ class Operations(BaseOperations):
         self.waiters.wake()
 
     async def snapshot_destroyed(self, snap: Snapshot) -> None:
-        """Drop the kernel's cached pages of the snapshot's images, so an open image
-        handle cannot read them after destroy (in a thread: the kernel may wait for a
-        read of that image, which this loop must answer)."""
-        inodes = [i for key, i in self._by_key.items() if key[0] == "image" and key[1] is snap]
-        for inode in inodes:
+        """Forget the snapshot: its nodes become ``Gone`` (they held it, and with it its
+        maps, until the kernel's FORGET), and the kernel is asked to drop the dentry of
+        snapshots/ID so that it forgets them. Then drop the kernel's cached pages of the
+        images, so an open image handle cannot read them after destroy (in a thread: the
+        kernel may wait for a read of that image, which this loop must answer)."""
+        images = []
+        for key, inode in [(k, i) for k, i in self._by_key.items() if len(k) > 1 and k[1] is snap]:
+            node = self._nodes[inode]
+            del self._by_key[key]
+            node.entry = Gone(inode)
+            self._by_key[node.entry.key] = inode
+            if key[0] == "image":
+                images.append(inode)
+            elif key[0] == "snapdir":
+                self._invalidate_entry(node.parent, node.name.encode("utf-8", "surrogateescape"),
+                                       ignore_enoent=True)
+        for inode in images:
             try:
                 await workers.run(self._invalidate, inode)
             except OSError as exc:     # ENOENT: the kernel never looked it up

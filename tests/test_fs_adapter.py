@@ -28,7 +28,10 @@ class Env:
     def __init__(self, tmp_path):
         self.tmp = tmp_path
         self.invalidated: list[int] = []
-        self.ops = Operations(0, 0, invalidate=self.invalidated.append)
+        self.entries_dropped: list[tuple[int, bytes]] = []
+        dropped = self.entries_dropped
+        self.ops = Operations(0, 0, invalidate=self.invalidated.append,
+                              invalidate_entry=lambda parent, name, **_: dropped.append((parent, name)))
         self.reg = Registry(PARAMS, listener=self.ops)
         self.ops.show(self.reg)
         self.data = make_device(tmp_path / "d0.img", MiB, seed=3)
@@ -137,6 +140,34 @@ async def test_destroy_invalidates_the_images_the_kernel_looked_up(env):
     assert env.invalidated == [image]
     assert await fuse_errno(env.ops.read(fh, 4096, 100)) == errno.EIO
     assert await fuse_errno(env.ops.getattr(image, OWNER)) == errno.ENOENT
+
+
+async def test_destroy_lets_go_of_the_snapshot(env):
+    """The inode table keeps nodes the kernel still knows, but no destroyed snapshot
+    (its maps would stay in memory for as long as the kernel keeps the dentries: the
+    RSS of a daemon taking a snapshot a minute grew by the maps of each); the kernel is
+    asked to drop snapshots/ID, and its FORGET then frees the nodes."""
+    import gc
+    import weakref
+
+    snap = (await env.execute(f"snapshot_create {env.tmp}/store 16M d0"))["id"]
+    await env.execute(f"snapshot_take {snap} nofreeze")
+    snapdir = await env.lookup("snapshots", snap)
+    image = await env.lookup("snapshots", snap, "d0")
+    info = await env.lookup("snapshots", snap, "info")
+    events = await env.lookup("snapshots", snap, "events")
+    ref = weakref.ref(env.reg.snapshots[snap])
+    await env.execute(f"snapshot_destroy {snap}")
+    gc.collect()
+    assert ref() is None, gc.get_referrers(ref())
+    assert env.entries_dropped == [(await env.lookup("snapshots"), snap.encode())]
+    for inode in (snapdir, image, info, events):
+        assert await fuse_errno(env.ops.getattr(inode, OWNER)) == errno.ENOENT
+    assert await fuse_errno(env.lookup("snapshots", snap)) == errno.ENOENT
+    before = len(env.ops._nodes)
+    await env.ops.forget([(image, 9), (info, 9), (events, 9), (snapdir, 9)])   # every lookup
+    assert len(env.ops._nodes) == before - 4
+    assert not [k for k in env.ops._by_key if k[0] == "gone"]
 
 
 async def test_image_group_reads_images_and_cbt_but_never_writes(tmp_path):
