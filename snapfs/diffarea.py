@@ -159,22 +159,25 @@ class DiffArea:
             raise SnapfsError(errno.EIO, f"snapshot image of {self.name} is corrupted "
                               f"(errno {self.error})")
 
-    async def read(self, offset: int, size: int, prio: int = 0) -> bytes:
+    async def read(self, offset: int, size: int, prio: int = 0, ahead: bool = False) -> bytes:
         """Image read: per chunk, the stored old data if copied, else the source.
         Runs of uncopied chunks are read from the source in one call (and read again
         if a chunk of the run was copied meanwhile), and runs of copied chunks whose
         slots follow each other in the storage in one call. ``prio``: the reader's I/O
         priority (``ioprio``), carried to the disk reads; the idle class also takes
-        its turn as if the devices were always busy."""
+        its turn as if the devices were always busy. ``ahead``: a read nobody asked
+        for yet (readahead.py): an I/O error fails it without corrupting the image."""
         self.check_usable()
         parts: list[bytes] = []
         try:
             with self.storage.in_flight.using():
                 async with workers.bulk(ioprio.is_idle(prio)):
+                    self.check_usable()            # destroyed while it waited for its turn
                     await self._read_runs(offset, min(offset + size, self.capacity), parts, prio)
                     await workers.priority.quiet()
         except OSError as exc:
-            self.corrupt(exc.errno or errno.EIO)
+            if not ahead:
+                self.corrupt(exc.errno or errno.EIO)
             raise SnapfsError(errno.EIO, f"reading snapshot image of {self.name}: {exc}") from None
         return b"".join(parts)
 

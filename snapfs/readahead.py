@@ -21,15 +21,24 @@ return when called, or raises what it would raise. Invariants:
        started them; a read not inside them from the first piece on drops them all
        (their reads are cancelled) and reads for itself.
     R3 a piece that failed is never the answer: the reader reads for itself, and so
-       gets the error (or data) of its own read. (A piece's failure has the effect an
-       image read's failure has on the area: ``DiffArea.read``.)
+       gets the error (or data) of its own read. A piece's I/O error does not corrupt
+       the image (``DiffArea.read(ahead=True)``): only a read someone asked for does.
     R4 a reader seen with two reads in flight on the handle is parallel: it has its own
        depth, and gets no read-ahead from then on.
+    R5 while the devices are busy (``workers.priority.busy``) a reader has at most one
+       piece ahead, so a sequential reader queues no more image I/O before the
+       devices' requests than a reader without read-ahead; data cut from pieces is
+       handed back only once no device request is ready (``priority.quiet``), as
+       ``DiffArea.read`` does.
+An open handle that stops reading keeps its pieces (at most WINDOW bytes) until it
+reads elsewhere or is released.
 """
 
 from collections import deque
 
 import trio
+
+from . import workers
 
 WINDOW = 4 << 20          # bytes read ahead of one sequential reader at most
 PIECE = 1 << 20           # one read ahead (FUSE's largest request)
@@ -53,7 +62,7 @@ class _Piece:
         None)."""
         try:
             with self.scope:
-                self.data = await area.read(self.offset, self.size, prio)
+                self.data = await area.read(self.offset, self.size, prio, ahead=True)
         except Exception:             # the reader reads for itself and gets it (R3)
             self.data = None
         finally:
@@ -78,11 +87,15 @@ class ReadAhead:
             if self.active > 1:
                 self.parallel = True
                 self.drop()
+            end = min(offset + size, self.area.capacity)
+            if end <= offset:                      # nothing to read: the pieces stay
+                self.area.check_usable()
+                return b""
             self.streak = self.streak + 1 if offset == self.next else 0
             self.next = offset + size
             if not self.parallel and self.streak >= MIN_STREAK:
                 self._fill(offset)
-            data = await self._from_pieces(offset, min(offset + size, self.area.capacity))
+            data = await self._from_pieces(offset, end)
             return data if data is not None else await self.area.read(offset, size, self.prio)
         finally:
             self.active -= 1
@@ -109,16 +122,20 @@ class ReadAhead:
                 return None
             parts.append(piece.data[max(offset, piece.offset) - piece.offset : end - piece.offset])
         self.area.check_usable()
+        await workers.priority.quiet()            # R5
+        self.area.check_usable()
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
     def _fill(self, offset: int) -> None:
         """Pieces from the end of the last one (or ``offset``) until WINDOW past
-        ``offset`` or the area's end; none while an image write is in flight (R1)."""
+        ``offset`` (PIECE while the devices are busy: R5) or the area's end; none while
+        an image write is in flight (R1)."""
         area = self.area
         if area.writes_done != area.writes_started:
             return
         pos = self.pieces[-1].offset + self.pieces[-1].size if self.pieces else offset
-        while pos < area.capacity and pos < offset + WINDOW:
+        window = PIECE if workers.priority.busy() else WINDOW       # R5
+        while pos < area.capacity and pos < offset + window:
             size = min(PIECE, area.capacity - pos)
             piece = _Piece(pos, size, area.writes_started)
             self.pieces.append(piece)

@@ -154,8 +154,8 @@ class Tracker:
                     await self.source.io.run(self.source.punch, offset, n)
                 done = piece is not None          # a discard's journal windows are gone anyway
             except OSError as exc:
-                what = "writing" if piece is not None else "discarding on"
-                raise SnapfsError.from_oserror(exc, f"{what} device {self.name}") from None
+                what = f"writing device {self.name}" if piece is not None else f"discarding on {self.name}"
+                raise SnapfsError.from_oserror(exc, what) from None
             finally:
                 if ticket is not None:
                     rec.after_write(ticket, done)
