@@ -33,6 +33,17 @@ def counting(area) -> list:
     return calls
 
 
+async def streaming(tmp_path):
+    """A taken snapshot of a SIZE device and an image handle after three sequential
+    reads: its read-ahead has started. (tracker, snap, data, image)"""
+    tracker, snap, data = make(tmp_path, size=SIZE)
+    snap.switch()
+    image = snap.image("d")
+    for off in range(0, 3 * PIECE, PIECE):
+        assert await image.read(off, PIECE) == data[off : off + PIECE]
+    return tracker, snap, data, image
+
+
 async def test_a_sequential_reader_gets_pieces_read_ahead(tmp_path):
     _tracker, snap, data = make(tmp_path, size=SIZE)
     snap.switch()
@@ -158,11 +169,7 @@ async def test_parallel_readers_get_no_read_ahead(tmp_path):
 
 
 async def test_a_miss_or_release_cancels_the_pieces(tmp_path):
-    _tracker, snap, data = make(tmp_path, size=SIZE)
-    snap.switch()
-    image = snap.image("d")
-    for off in range(0, 3 * PIECE, PIECE):
-        await image.read(off, PIECE)
+    _tracker, snap, data, image = await streaming(tmp_path)
     pieces = list(image.ahead.pieces)
     assert pieces[0].offset == 2 * PIECE
     assert pieces[-1].offset + pieces[-1].size == min(2 * PIECE + readahead.WINDOW, SIZE)
@@ -177,11 +184,7 @@ async def test_a_miss_or_release_cancels_the_pieces(tmp_path):
 
 
 async def test_a_destroyed_image_fails_even_from_a_piece(tmp_path):
-    _tracker, snap, _data = make(tmp_path, size=SIZE)
-    snap.switch()
-    image = snap.image("d")
-    for off in range(0, 3 * PIECE, PIECE):
-        await image.read(off, PIECE)
+    _tracker, snap, _data, image = await streaming(tmp_path)
     await trio.testing.wait_all_tasks_blocked()
     assert image.ahead.pieces[0].data is not None
     snap.destroy().close()
@@ -275,11 +278,7 @@ async def test_empty_reads_keep_the_pieces_and_busy_devices_get_one_piece(tmp_pa
 
     from snapfs import workers
 
-    _tracker, snap, _data = make(tmp_path, size=SIZE)
-    snap.switch()
-    image = snap.image("d")
-    for off in range(0, 3 * PIECE, PIECE):
-        await image.read(off, PIECE)
+    _tracker, snap, _data, image = await streaming(tmp_path)
     pieces = list(image.ahead.pieces)
     assert len(pieces) > 1
     assert await image.read(SIZE, PIECE) == b""
