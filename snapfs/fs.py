@@ -258,10 +258,10 @@ class Dir(Entry):
 
 
 class Gone(Entry):
-    """What a node of a destroyed snapshot shows until the kernel forgets its inode:
-    nothing, and no reference to the snapshot (its maps would stay in memory as long as
-    the kernel keeps the dentry, which may be forever). Such a node is not alive
-    (``Operations._alive``), so every request on it is ENOENT."""
+    """What a node of a destroyed snapshot or a detached device shows until the kernel
+    forgets its inode: nothing, and no reference to the object (its maps would stay in
+    memory as long as the kernel keeps the dentry, which may be for ever). Such a node
+    is not alive (``Operations._alive``), so every request on it is ENOENT."""
 
     def __init__(self, inode: int):
         self.key = ("gone", inode)
@@ -499,27 +499,36 @@ class Operations(BaseOperations):
         self.waiters.wake()
 
     async def snapshot_destroyed(self, snap: Snapshot) -> None:
-        """Forget the snapshot: its nodes become ``Gone`` (they held it, and with it its
-        maps, until the kernel's FORGET), and the kernel is asked to drop the dentry of
-        snapshots/ID so that it forgets them. Then drop the kernel's cached pages of the
-        images, so an open image handle cannot read them after destroy (in a thread: the
-        kernel may wait for a read of that image, which this loop must answer)."""
-        images = []
-        for key, inode in [(k, i) for k, i in self._by_key.items() if len(k) > 1 and k[1] is snap]:
-            node = self._nodes[inode]
-            del self._by_key[key]
-            node.entry = Gone(inode)
-            self._by_key[node.entry.key] = inode
-            if key[0] == "image":
-                images.append(inode)
-            elif key[0] == "snapdir":
-                self._invalidate_entry(node.parent, node.name.encode("utf-8", "surrogateescape"),
-                                       ignore_enoent=True)
-        for inode in images:
+        """Let go of the snapshot (``_let_go``: its directory snapshots/ID), then drop
+        the kernel's cached pages of its images, so an open image handle cannot read
+        them after destroy (in a thread: the kernel may wait for a read of that image,
+        which this loop must answer)."""
+        for inode in self._let_go(snap, "snapdir")["image"]:
             try:
                 await workers.run(self._invalidate, inode)
             except OSError as exc:     # ENOENT: the kernel never looked it up
                 log.debug("invalidating image inode %d: %s", inode, exc)
+
+    def device_detached(self, tracker: Tracker) -> None:
+        """Let go of the device (``_let_go``: devices/NAME and cbt/NAME)."""
+        self._let_go(tracker, "device", "cbtdir")
+
+    def _let_go(self, obj, *dropped: str) -> dict[str, list[int]]:
+        """The nodes showing ``obj`` become ``Gone`` (they held it, and with it its maps,
+        until the kernel's FORGET, which it sends only when it evicts the inode), and
+        the kernel is asked to drop the entries of the kinds ``dropped``, so that it
+        forgets them. Returns the inodes let go, by kind."""
+        by_kind: dict[str, list[int]] = {"image": []}
+        for key, inode in [(k, i) for k, i in self._by_key.items() if len(k) > 1 and k[1] is obj]:
+            node = self._nodes[inode]
+            del self._by_key[key]
+            node.entry = Gone(inode)
+            self._by_key[node.entry.key] = inode
+            by_kind.setdefault(key[0], []).append(inode)
+            if key[0] in dropped:
+                self._invalidate_entry(node.parent, node.name.encode("utf-8", "surrogateescape"),
+                                       ignore_enoent=True)
+        return by_kind
 
     # ----- the inode table -------------------------------------------------------------
 

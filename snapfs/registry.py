@@ -63,6 +63,7 @@ class CbtStore(Protocol):
 class Listener(Protocol):
     def events_changed(self) -> None: ...
     async def snapshot_destroyed(self, snap: Snapshot) -> None: ...
+    def device_detached(self, tracker: Tracker) -> None: ...
 
 
 class _NoStore:
@@ -84,6 +85,9 @@ class _NoListener:
         pass
 
     async def snapshot_destroyed(self, snap: Snapshot) -> None:
+        pass
+
+    def device_detached(self, tracker: Tracker) -> None:
         pass
 
 
@@ -207,6 +211,7 @@ class Registry:
         tracker.detached = True
         self.cbt_store.forget(tracker.source)
         tracker.source.close()
+        self.listener.device_detached(tracker)
         log.info("detached %s", name)
 
     def mark_dirty(self, name: str, ranges: list[tuple[int, int]]) -> None:

@@ -196,3 +196,22 @@ async def test_image_group_reads_images_and_cbt_but_never_writes(tmp_path):
     assert await attrs("devices", "d0") == (os.stat(tmp_path / "d0.img").st_gid, 0o660)
     await control.execute(reg, f"snapshot_destroy {snap}")
     reg.close_sources()
+
+
+async def test_detach_lets_go_of_the_device(env):
+    """As for a destroyed snapshot: a detached device's nodes keep no reference to its
+    tracker (CBT maps, source), and the kernel is asked to drop devices/NAME and
+    cbt/NAME."""
+    import gc
+    import weakref
+
+    dev = await env.lookup("devices", "d0")
+    cbtmap = await env.lookup("cbt", "d0", "map")
+    ref = weakref.ref(env.reg.devices["d0"])
+    await env.execute("detach d0")
+    gc.collect()
+    assert ref() is None, gc.get_referrers(ref())
+    assert sorted(env.entries_dropped) == sorted([(await env.lookup("devices"), b"d0"),
+                                                  (await env.lookup("cbt"), b"d0")])
+    for inode in (dev, cbtmap):
+        assert await fuse_errno(env.ops.getattr(inode, OWNER)) == errno.ENOENT

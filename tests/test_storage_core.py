@@ -495,6 +495,9 @@ async def test_event_listener_called_for_every_event_and_close(env):
         async def snapshot_destroyed(self, snap):
             pass
 
+        def device_detached(self, tracker):
+            pass
+
     env.reg.listener = Listener()
     snap = await env.snapshot("1M", "d")
     await env.touch_chunks("d", range(20))
