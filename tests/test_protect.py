@@ -242,10 +242,10 @@ def test_audit_lines_name_the_writer_and_rotate(m):
             for i in range(120):
                 os.pwrite(fd, bytes(S), (100 + i % 10) * S)
                 if i % 20 == 19:       # a follower polls every 0.25 s: give it a look
-                    wait_for(lambda n=i: len(seen) >= n + 3)
+                    wait_for(lambda n=i: len(seen) >= n + 3, 60)   # a loaded CI machine: the CLI's start
         finally:
             os.close(fd)
-        wait_for(lambda: len(seen) >= 122)
+        wait_for(lambda: len(seen) >= 122, 60)
         kept = audit_lines(m, "audit.1") + audit_lines(m)
         assert os.path.getsize(m.p("audit")) <= 4096 and os.path.getsize(m.p("audit.1")) <= 4096
         assert len(kept) < 122 and kept[-1]["sector"] == 109
