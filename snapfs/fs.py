@@ -503,7 +503,7 @@ class Operations(BaseOperations):
         the kernel's cached pages of its images, so an open image handle cannot read
         them after destroy (in a thread: the kernel may wait for a read of that image,
         which this loop must answer)."""
-        for inode in self._let_go(snap, "snapdir")["image"]:
+        for inode in self._let_go(snap, "snapdir").get("image", ()):
             try:
                 await workers.run(self._invalidate, inode)
             except OSError as exc:     # ENOENT: the kernel never looked it up
@@ -518,7 +518,7 @@ class Operations(BaseOperations):
         until the kernel's FORGET, which it sends only when it evicts the inode), and
         the kernel is asked to drop the entries of the kinds ``dropped``, so that it
         forgets them. Returns the inodes let go, by kind."""
-        by_kind: dict[str, list[int]] = {"image": []}
+        by_kind: dict[str, list[int]] = {}
         for key, inode in [(k, i) for k, i in self._by_key.items() if len(k) > 1 and k[1] is obj]:
             node = self._nodes[inode]
             del self._by_key[key]

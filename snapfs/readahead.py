@@ -121,7 +121,6 @@ class ReadAhead:
                 self.drop()
                 return None
             parts.append(piece.data[max(offset, piece.offset) - piece.offset : end - piece.offset])
-        self.area.check_usable()
         await workers.priority.quiet()            # R5
         self.area.check_usable()
         return b"".join(parts) if len(parts) > 1 else parts[0]

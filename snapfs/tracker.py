@@ -146,12 +146,10 @@ class Tracker:
             try:
                 if self.area is not None:
                     await self.area.before_write(offset, n)
-                if self.migration is not None:
-                    await self.migration.write(offset, n, lambda source: _apply(source, offset, n, piece))
-                elif piece is not None:           # the common case: no closure, no hop
-                    await self.source.io.write(offset, piece)
+                if self.migration is None:        # the common case: no closure, no hop
+                    await _apply(self.source, offset, n, piece)
                 else:
-                    await self.source.io.run(self.source.punch, offset, n)
+                    await self.migration.write(offset, n, lambda source: _apply(source, offset, n, piece))
                 done = piece is not None          # a discard's journal windows are gone anyway
             except OSError as exc:
                 what = f"writing device {self.name}" if piece is not None else f"discarding on {self.name}"
