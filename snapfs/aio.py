@@ -250,6 +250,15 @@ def _this_run() -> _Ring | None:
         return ring
 
 
+def idle() -> bool:
+    """No read or flush of this run is in flight here (trio thread only)."""
+    try:
+        ring = _ring.get()
+    except LookupError:
+        return True
+    return ring is None or not ring.busy
+
+
 @trio.lowlevel.enable_ki_protection
 async def fdatasync(fd: int) -> bool:
     """``os.fdatasync(fd)`` without a thread: True once done (OSError if it failed),

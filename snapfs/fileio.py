@@ -6,7 +6,14 @@ can.
 Reads: ``preadv(RWF_NOWAIT)`` inline; a miss is read with O_DIRECT through AIO where
 the file has an O_DIRECT descriptor (``aio.pread``), else, or where AIO cannot serve
 it, in a worker thread. While a file's inline attempts mostly miss (``HitRate``), its
-reads skip them.
+reads skip them. One exception for a miss: a device request that is alone
+(``workers.alone``: no other request ready or waiting in the kernel's queue, no AIO in
+flight), at most DIRECT_NOW_MAX bytes, page-aligned and of the daemon's own priority,
+reads with O_DIRECT on the trio thread (``workers.pread_direct_now``): it waits for the
+disk, but nobody waits for the thread meanwhile, and it saves the round through the
+loop that AIO costs; a flush of a lone device request likewise runs there (``sync``).
+While such calls take DIRECT_STALL on average (a slow disk), the file's calls go back
+to AIO (``Stopwatch``).
 
 Writes: the kernels this runs on refuse ``pwritev(RWF_NOWAIT)`` on buffered files of
 ext4, tmpfs and block devices (EOPNOTSUPP; docs/performance.md), so a write is done
@@ -36,7 +43,9 @@ from . import aio, ioprio, workers
 
 PAGE = 4096
 STALL = 0.002       # seconds: an inline write that took longer, sleeping, stalled the loop
-BACKOFF = 1.0       # seconds a file's writes go to threads after a stall
+BACKOFF = 1.0       # seconds a file's writes (or direct reads) go elsewhere after a stall
+DIRECT_NOW_MAX = 128 * 1024   # bytes: a larger miss is never read on the trio thread
+DIRECT_STALL = 0.001          # seconds: direct reads that take longer on average: a slow disk
 
 
 def _sleeps() -> int:
@@ -71,6 +80,32 @@ class HitRate:
         self.rate += ((1.0 if hit else 0.0) - self.rate) / 8
 
 
+class Stopwatch:
+    """How long one kind of blocking call on the trio thread takes, as a moving average:
+    while it exceeds DIRECT_STALL (a slow disk), ``fast()`` is False, and the caller
+    sends such calls elsewhere, trying one again after BACKOFF. One slow call among
+    fast ones does not turn it."""
+
+    __slots__ = ("average", "until")
+
+    def __init__(self) -> None:
+        self.average = 0.0
+        self.until = 0.0
+
+    def fast(self) -> bool:
+        return time.monotonic() >= self.until
+
+    def time(self, fn: Callable, *args):
+        t0 = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            t1 = time.monotonic()
+            self.average += (t1 - t0 - self.average) / 8
+            if self.average > DIRECT_STALL:
+                self.until = t1 + BACKOFF
+
+
 class FileIO:
     """The data path of one open file. ``pread(offset, size) -> bytes`` and
     ``pwrite(offset, data)`` are the owner's blocking calls (they raise OSError), run in
@@ -90,6 +125,8 @@ class FileIO:
         self.durable = 0                 # of those, how many a finished flush covers
         self._flush: trio.Event | None = None   # set when the flush in flight ends
         self.stalled_until = 0.0         # monotonic: inline writes resume then
+        self.direct_reads = Stopwatch()  # misses read on the trio thread
+        self.flushes = Stopwatch()       # flushes done on the trio thread
 
     # ----- reads --------------------------------------------------------------------
 
@@ -102,6 +139,10 @@ class FileIO:
             if data is not None:
                 return data
         if self.direct_fd is not None and self.inline:
+            if self._may_read_direct_now(offset, size, prio):
+                data = self.direct_reads.time(workers.pread_direct_now, self.direct_fd, size, offset)
+                if data is not None:
+                    return data
             with workers.priority.waiting():
                 data = await aio.pread(self.direct_fd, offset, size, prio)
             if data is not None:
@@ -119,6 +160,10 @@ class FileIO:
             return self.pread(offset, size)
         finally:
             ioprio.set_current_thread(before)
+
+    def _may_read_direct_now(self, offset: int, size: int, prio: int) -> bool:
+        return (not prio and size <= DIRECT_NOW_MAX and not (offset | size) % PAGE
+                and self.direct_reads.fast() and aio.idle() and workers.alone())
 
     # ----- writes -------------------------------------------------------------------
 
@@ -156,9 +201,14 @@ class FileIO:
                 self._flush = None
 
     async def _flush_once(self, fn: Callable[[], None]) -> None:
-        """One flush: an fdatasync through AIO where the file has AIO (a source; the
-        kernel's worker waits, no thread of ours), else ``fn`` in a worker thread."""
+        """One flush: where the file has AIO (a source), ``fn`` on the trio thread when
+        the request is alone and flushes are fast (as a direct read, module docstring),
+        else an fdatasync through AIO (the kernel's worker waits, no thread of ours);
+        otherwise ``fn`` in a worker thread."""
         if self.inline and self.direct_fd is not None:
+            if self.flushes.fast() and aio.idle() and workers.alone():
+                self.flushes.time(fn)
+                return
             with workers.priority.waiting():
                 if await aio.fdatasync(self.fd):
                     return

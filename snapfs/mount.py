@@ -12,6 +12,7 @@
 import errno
 import logging
 import os
+import select
 import shutil
 import socket
 import stat
@@ -235,6 +236,7 @@ def run(config: MountConfig, ready=None) -> int:
         raise SnapfsError(errno.EIO, f"mounting {registry.mountpoint} failed: {exc} (not permitted "
                           "to mount here? root or CAP_SYS_ADMIN is needed)") from None
     state.consume()
+    workers.set_queue_probe(fuse_queue_probe())
     found = mountinfo.at(registry.mountpoint)   # never stat our own mount from its thread
     if found is None:   # without its device number the storage guard and freeze are blind
         pyfuse3.close(unmount=True)
@@ -259,6 +261,26 @@ def run(config: MountConfig, ready=None) -> int:
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", registry.mountpoint)
     return 0
+
+
+def fuse_queue_probe():
+    """A probe of the FUSE device pyfuse3 just opened: ``probe()`` is True while a
+    request waits in the kernel's queue (``poll``, no wait). None if the descriptor is
+    not found as the one open /dev/fuse of this process (then no read is ever taken
+    as alone)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                fds.append(int(name))
+        except OSError:
+            continue
+    if len(fds) != 1:
+        log.info("%d /dev/fuse descriptors open: reads that miss never wait on the loop", len(fds))
+        return None
+    poller = select.poll()
+    poller.register(fds[0], select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 # Request tasks pyfuse3 keeps alive. With its default of 1, a task that finishes a

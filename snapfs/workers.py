@@ -16,6 +16,7 @@ Everything here runs on the trio thread except the functions handed to ``run``.
 import collections
 import contextvars
 import errno
+import mmap
 import os
 import queue
 import threading
@@ -107,6 +108,53 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
 
 
 _scratch = memoryview(bytearray(0))
+
+
+def pread_direct_now(fd: int, size: int, offset: int) -> bytes | None:
+    """``size`` bytes at ``offset`` of the O_DIRECT descriptor ``fd``, read on the
+    calling thread (it waits for the disk), or None where the kernel would block before
+    the disk (``RWF_NOWAIT``: dirty pages of the range to write back first, no request
+    slot free), refuses, or reads short. Trio thread only: one page-aligned scratch
+    buffer, as ``pread_nowait``; ``offset`` and ``size`` aligned to a page."""
+    global _direct_scratch
+    if len(_direct_scratch) < size:
+        _direct_scratch = mmap.mmap(-1, size)
+    buf = memoryview(_direct_scratch)[:size]
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        return bytes(buf) if n == size else None
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    finally:
+        buf.release()
+
+
+_direct_scratch = mmap.mmap(-1, 4096)
+
+
+def _never_alone() -> bool:
+    return True
+
+
+# Whether a request waits in the kernel's queue for the daemon to read it: the FUSE
+# adapter sets it (``set_queue_probe``); until then the answer is "maybe" (True).
+_queue_waits: Callable[[], bool] = _never_alone
+
+
+def set_queue_probe(probe: Callable[[], bool] | None) -> None:
+    """``probe()``: True while a request waits to be read from the FUSE device (None:
+    back to the default, "maybe")."""
+    global _queue_waits
+    _queue_waits = probe or _never_alone
+
+
+def alone() -> bool:
+    """The calling task is a device request and the only thing that wants the trio
+    thread now: no other device request is ready in a handler and none waits in the
+    kernel's queue. Blocking the thread for a moment then delays nobody (``fileio``)."""
+    return _in_device_request.get() and priority.ready <= 1 and not _queue_waits()
 
 
 # The devices' requests before the images' (docs/concurrency.md rule 4). A backup copy

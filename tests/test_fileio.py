@@ -4,9 +4,11 @@ path. No FUSE here: FileIO over a real file, its blocking calls wrapped to recor
 thread they ran in."""
 
 import os
+import subprocess
 import threading
 import time
 
+import pytest
 import trio
 
 from snapfs import fileio
@@ -43,13 +45,28 @@ class Recorded:
 
 
 def uncached(path) -> bytearray:
+    """Random content written to ``path`` and dropped from the page cache. The kernel
+    may keep a page that something (writeback, a read-ahead) still holds at the first
+    ``POSIX_FADV_DONTNEED``, so it asks until ``fincore`` counts no page cached."""
     content = bytearray(os.urandom(SIZE))
     with open(path, "wb") as f:
         f.write(content)
         f.flush()
         os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        for _ in range(100):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            if cached_bytes(path) == 0:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"{path}: pages stay in the page cache")
     return content
+
+
+def cached_bytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
 
 
 def test_whole_pages_go_inline_and_partial_uncached_pages_to_a_thread(tmp_path):
@@ -139,8 +156,6 @@ def test_a_readers_io_priority_is_carried_to_the_disk_reads(tmp_path):
     """``ionice -c3``: the idle class is read from the opener's pid, and reads that carry
     it (through AIO, and through a worker thread whose priority is set around the read)
     return the right bytes."""
-    import subprocess
-
     from snapfs import aio, ioprio
 
     sleeper = subprocess.Popen(["ionice", "-c3", "sleep", "5"])
@@ -218,3 +233,114 @@ def test_concurrent_syncs_share_flushes_and_each_covers_its_writes(tmp_path):
             assert any(start >= wrote_at[k] and end <= synced_at[k] for _, start, end in flushes), k
     finally:
         r.close()
+
+
+@pytest.fixture
+def lone(tmp_path, monkeypatch):
+    """A FileIO with an O_DIRECT descriptor over an uncached file, whose inline page-cache
+    attempts are off (a miss of RWF_NOWAIT starts a read-ahead that would cache the next
+    pages); ``took`` records each miss's path ("now": the trio thread, "aio"), and
+    ``waits[0]`` is what the FUSE queue probe answers."""
+    from snapfs import aio, workers
+
+    path = tmp_path / "f"
+    content = uncached(path)
+    r = Recorded(path)
+    direct = aio.open_direct(r.fd)
+    if direct is None:
+        r.close()
+        pytest.skip("the file system of tmp_path refuses O_DIRECT")
+    r.io = FileIO(r.fd, r.pread, r.pwrite, direct)
+    took: list[str] = []
+    waits = [False]
+    real_now, real_aio = workers.pread_direct_now, aio.pread
+
+    def now(*args):
+        took.append("now")
+        return real_now(*args)
+
+    async def via_aio(*args):
+        took.append("aio")
+        return await real_aio(*args)
+
+    monkeypatch.setattr(workers, "pread_direct_now", now)
+    monkeypatch.setattr(aio, "pread", via_aio)
+    monkeypatch.setattr(workers, "_queue_waits", lambda: waits[0])
+    monkeypatch.setattr(fileio.HitRate, "worth_trying", lambda self: False)
+    yield r, content, took, waits
+    os.close(direct)
+    r.close()
+
+
+def test_a_lone_device_miss_is_read_on_the_trio_thread_and_any_other_through_aio(lone, monkeypatch):
+    """A device request's miss is read on the trio thread only while it is alone (no
+    request waits in the kernel's queue, no other device request ready), at most
+    DIRECT_NOW_MAX, page-aligned, of the daemon's own I/O priority, and while such reads
+    are fast; every path returns the file's bytes, dirty pages included."""
+    from snapfs import workers
+
+    r, content, took, waits = lone
+
+    async def read(page, size=PAGE, prio=0, request=True):
+        took.clear()
+        if request:
+            with workers.priority.request():
+                got = await r.io.read(page * PAGE, size, prio)
+        else:
+            got = await r.io.read(page * PAGE, size, prio)
+        assert got == bytes(content[page * PAGE : page * PAGE + size])
+        return list(took)
+
+    async def main():
+        assert await read(2) == ["now"]
+        assert await read(4, 3 * PAGE) == ["now"]
+        waits[0] = True
+        assert await read(8) == ["aio"]                    # a request waits to be read
+        waits[0] = False
+        assert await read(10, request=False) == ["aio"]    # an image read, read-ahead
+        assert await read(12, prio=3 << 13) == ["aio"]     # an idle-class reader
+        with workers.priority.request():                   # another device request ready
+            assert await read(14) == ["aio"]
+        monkeypatch.setattr(fileio, "DIRECT_NOW_MAX", PAGE)
+        assert await read(16, 2 * PAGE) == ["aio"]
+        monkeypatch.setattr(fileio, "DIRECT_NOW_MAX", 128 * 1024)
+        content[20 * PAGE : 21 * PAGE] = b"d" * PAGE       # dirty in the page cache:
+        os.pwrite(r.fd, b"d" * PAGE, 20 * PAGE)           # RWF_NOWAIT refuses both paths
+        assert await read(20) == ["now", "aio"]
+        monkeypatch.setattr(fileio, "DIRECT_STALL", 0.0)   # every read is "slow" now
+        assert await read(24) == ["now"]
+        assert await read(26) == ["aio"]
+
+    trio.run(main)
+
+
+def test_a_lone_flush_runs_on_the_trio_thread_and_any_other_elsewhere(lone, monkeypatch):
+    from snapfs import workers
+
+    r, _, _, waits = lone
+    main_thread = threading.get_ident()
+    ran: list[bool] = []
+
+    def flush():
+        ran.append(threading.get_ident() == main_thread)
+        os.fdatasync(r.fd)
+
+    async def commit(page):
+        with workers.priority.request():
+            await r.io.write(page * PAGE, b"c" * PAGE)
+            await r.io.sync(flush)
+
+    async def main():
+        await commit(1)
+        assert ran == [True]
+        waits[0] = True
+        await commit(2)             # an AIO fdatasync (or ``flush`` in a thread)
+        assert True not in ran[1:]
+        waits[0] = False
+        monkeypatch.setattr(fileio, "DIRECT_STALL", 0.0)
+        await commit(3)
+        assert ran.count(True) == 2
+        await commit(4)             # flushes are "slow" now: not on the trio thread
+        assert ran.count(True) == 2
+
+    trio.run(main)

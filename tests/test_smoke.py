@@ -53,3 +53,27 @@ def test_sync_of_a_device_file_makes_its_source_durable(mounter, device):
     assert _dirty_pages(path) > 0
     subprocess.run(["sync", m.dev("d0")], check=True)
     assert _dirty_pages(path) == 0
+
+
+def test_the_daemon_can_see_whether_requests_wait_in_the_fuse_queue(mounter, device):
+    """The probe that lets a lone device read wait for the disk on the trio thread
+    (``mount.fuse_queue_probe``) needs the daemon's one /dev/fuse descriptor; with
+    none or several it is not made, and a connection that is not mounted answers
+    "waits" (POLLERR), never "alone"."""
+    from snapfs import mount
+
+    m = mounter({"d0": device[0]})
+    links = [os.readlink(f"/proc/{m.proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{m.proc.pid}/fd")]
+    assert links.count("/dev/fuse") == 1
+    assert mount.fuse_queue_probe() is None                 # this process has none
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        probe = mount.fuse_queue_probe()
+        assert probe is not None and probe() is True
+        second = os.open("/dev/fuse", os.O_RDWR)
+        try:
+            assert mount.fuse_queue_probe() is None
+        finally:
+            os.close(second)
+    finally:
+        os.close(fd)
