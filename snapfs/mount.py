@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import mountinfo, workers
+from . import mountinfo, osutil, workers
 from .cbtstate import StateStore
 from .commands import check_name
 from .detach import detach
@@ -301,11 +301,23 @@ async def serve(registry: Registry, ops: Operations, ready, read_ahead_kb: int =
         await nursery.start(stopper.watch_signals)
         nursery.start_soon(stopper.run)
         nursery.start_soon(_tune_connection, registry, read_ahead_kb)
+        nursery.start_soon(_trim_memory)
         if ready is not None:
             nursery.start_soon(_call_ready, ready)
         log.info("serving %s with %d devices", registry.mountpoint, len(registry.devices))
         await pyfuse3.main(min_tasks=FUSE_TASKS, max_tasks=FUSE_MAX_TASKS)
         nursery.cancel_scope.cancel()
+
+
+# How often the daemon hands the C allocator's free pages back (osutil.release_free_memory).
+TRIM_EVERY = 30.0
+
+
+async def _trim_memory() -> None:
+    """Task: ``malloc_trim`` in a worker thread every TRIM_EVERY seconds."""
+    while True:
+        await trio.sleep(TRIM_EVERY)
+        await workers.run(osutil.release_free_memory)
 
 
 async def _call_ready(ready) -> None:

@@ -102,6 +102,12 @@ def detach(loop: str, image: Path) -> None:
     raise SoakError(f"a loop device still holds {image}")
 
 
+# Seconds of each daemon life left out of the RSS slope: a new daemon's memory fills
+# its bounded pools and caches (AIO buffers, read-ahead, the journal's index, the
+# allocator's arenas) over its first minutes (README, "The soak").
+WARM = 300
+
+
 def slope(samples: list, skip_until: float, life_starts: dict, warm: float = 60) -> float:
     """Growth per hour of a sampled value, pooled over the daemon's lives (each life its
     own intercept): samples after ``skip_until`` and ``warm`` s into their life. 0 with
