@@ -11,9 +11,8 @@ reads skip them. One exception for a miss: a device request that is alone
 flight), at most DIRECT_NOW_MAX bytes, page-aligned and of the daemon's own priority,
 reads with O_DIRECT on the trio thread (``workers.pread_direct_now``): it waits for the
 disk, but nobody waits for the thread meanwhile, and it saves the round through the
-loop that AIO costs; a flush of a lone device request likewise runs there (``sync``).
-While such calls take DIRECT_STALL on average (a slow disk), the file's calls go back
-to AIO (``Stopwatch``).
+loop that AIO costs. While such reads take DIRECT_STALL on average (a slow disk), the
+file's misses go back to AIO (``Stopwatch``).
 
 Writes: the kernels this runs on refuse ``pwritev(RWF_NOWAIT)`` on buffered files of
 ext4, tmpfs and block devices (EOPNOTSUPP; docs/performance.md), so a write is done
@@ -126,7 +125,6 @@ class FileIO:
         self._flush: trio.Event | None = None   # set when the flush in flight ends
         self.stalled_until = 0.0         # monotonic: inline writes resume then
         self.direct_reads = Stopwatch()  # misses read on the trio thread
-        self.flushes = Stopwatch()       # flushes done on the trio thread
 
     # ----- reads --------------------------------------------------------------------
 
@@ -201,14 +199,9 @@ class FileIO:
                 self._flush = None
 
     async def _flush_once(self, fn: Callable[[], None]) -> None:
-        """One flush: where the file has AIO (a source), ``fn`` on the trio thread when
-        the request is alone and flushes are fast (as a direct read, module docstring),
-        else an fdatasync through AIO (the kernel's worker waits, no thread of ours);
-        otherwise ``fn`` in a worker thread."""
+        """One flush: an fdatasync through AIO where the file has AIO (a source; the
+        kernel's worker waits, no thread of ours), else ``fn`` in a worker thread."""
         if self.inline and self.direct_fd is not None:
-            if self.flushes.fast() and aio.idle() and workers.alone():
-                self.flushes.time(fn)
-                return
             with workers.priority.waiting():
                 if await aio.fdatasync(self.fd):
                     return

@@ -312,35 +312,3 @@ def test_a_lone_device_miss_is_read_on_the_trio_thread_and_any_other_through_aio
         assert await read(26) == ["aio"]
 
     trio.run(main)
-
-
-def test_a_lone_flush_runs_on_the_trio_thread_and_any_other_elsewhere(lone, monkeypatch):
-    from snapfs import workers
-
-    r, _, _, waits = lone
-    main_thread = threading.get_ident()
-    ran: list[bool] = []
-
-    def flush():
-        ran.append(threading.get_ident() == main_thread)
-        os.fdatasync(r.fd)
-
-    async def commit(page):
-        with workers.priority.request():
-            await r.io.write(page * PAGE, b"c" * PAGE)
-            await r.io.sync(flush)
-
-    async def main():
-        await commit(1)
-        assert ran == [True]
-        waits[0] = True
-        await commit(2)             # an AIO fdatasync (or ``flush`` in a thread)
-        assert True not in ran[1:]
-        waits[0] = False
-        monkeypatch.setattr(fileio, "DIRECT_STALL", 0.0)
-        await commit(3)
-        assert ran.count(True) == 2
-        await commit(4)             # flushes are "slow" now: not on the trio thread
-        assert ran.count(True) == 2
-
-    trio.run(main)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapfs.errors import SnapfsError
+
 from .common import Ledger, MiB, SoakError, ctl, ctl_ok, log, run
 from .stack import DEVICE, Stack, snapfs_exe
 
@@ -219,8 +221,8 @@ def sampler(world: World, every: float = 10) -> None:
         if world.cdp_on:
             try:
                 info = ctl(str(world.stack.mnt), f"cdp_info {DEVICE}")
-            except (OSError, ValueError, SoakError):     # the daemon died meanwhile
-                continue
+            except (OSError, ValueError, SoakError, SnapfsError):   # the daemon died or
+                continue                                          # restarts meanwhile
             if not info.get("ok"):
                 continue
             index = info.get("index_bytes", 0) / MiB

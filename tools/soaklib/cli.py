@@ -153,10 +153,22 @@ def agents(world: World, features: dict) -> list[threading.Thread]:
     targets = [backup_agent, snapshot_agent, sampler]
     if features.get("migrate"):
         targets.append(migrate_agent)
-    threads = [threading.Thread(target=t, args=(world,), name=t.__name__, daemon=True) for t in targets]
+    threads = [threading.Thread(target=guarded, args=(world, t), name=t.__name__, daemon=True)
+               for t in targets]
     for t in threads:
         t.start()
     return threads
+
+
+def guarded(world: World, agent) -> None:
+    """Run ``agent(world)``; that it ran to the end is a check (an agent that died, e.g.
+    the sampler, would leave its figures silently empty)."""
+    try:
+        agent(world)
+    except Exception as exc:
+        world.ledger.check(f"agent {agent.__name__} ran to the end", False, f"{type(exc).__name__}: {exc}")
+        raise
+    world.ledger.check(f"agent {agent.__name__} ran to the end", True)
 
 
 def migrate_agent(world: World) -> None:
@@ -211,6 +223,10 @@ def save_samples(path: str, world: World, bench: Pgbench) -> None:
         json.dump(doc, f, indent=1)
 
 
+def per_hour(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
 def figures(world: World, bench: Pgbench) -> str:
     skip = world.t0 + (600 if world.plan.minutes >= 30 else 60)
     rss = [(t, life, r) for t, life, r, _, _ in world.samples]
@@ -223,11 +239,12 @@ def figures(world: World, bench: Pgbench) -> str:
             f"({len(world.kill_windows)} after SIGKILL), snapshots {world.snapshots}, "
             f"overflows {world.overflows}, "
             f"max RSS {max((r for *_, r in rss), default=0):.1f} MiB, "
-            f"RSS slope {final.slope(rss, skip, world.life_starts, final.WARM):+.2f} MiB/h "
-            f"(net of the CDP index {final.slope(net, skip, world.life_starts, final.WARM):+.2f}; "
-            f"from 1 min into each life {final.slope(rss, skip, world.life_starts, 60):+.2f}), "
+            f"RSS slope {per_hour(final.slope(rss, skip, world.life_starts, final.WARM))} MiB/h "
+            f"(net of the CDP index {per_hour(final.slope(net, skip, world.life_starts, final.WARM))}; "
+            f"from 5 min into each life {per_hour(final.slope(rss, skip, world.life_starts, 300))}, "
+            f"from 1 min {per_hour(final.slope(rss, skip, world.life_starts, 60))}), "
             f"max fds {max((f for *_, f in fds), default=0)}, "
-            f"fd slope {final.slope(fds, skip, world.life_starts):+.1f}/h, "
+            f"fd slope {per_hour(final.slope(fds, skip, world.life_starts), 1)}/h, "
             f"committed {bench.committed()}, lowest 1-s tps {bench.lowest_tps():.0f}, "
             f"checks passed {world.ledger.passed()}, failed {world.ledger.failed()}")
 

@@ -102,16 +102,17 @@ def detach(loop: str, image: Path) -> None:
     raise SoakError(f"a loop device still holds {image}")
 
 
-# Seconds of each daemon life left out of the RSS slope: a new daemon's memory fills
-# its bounded pools and caches (AIO buffers, read-ahead, the journal's index, the
-# allocator's arenas) over its first minutes (README, "The soak").
-WARM = 300
+# Seconds of each daemon life left out of the RSS slope: the issue's "after the first
+# 10 minutes", for every daemon a kill or restart starts afresh. A new daemon's memory
+# fills bounded pools and caches (the journal's index rebuilt, pyfuse3's 1 MiB request
+# buffers, AIO buffers, the allocator's arenas) over about that long (README, "Soak").
+WARM = 600
 
 
-def slope(samples: list, skip_until: float, life_starts: dict, warm: float = 60) -> float:
+def slope(samples: list, skip_until: float, life_starts: dict, warm: float = 60) -> float | None:
     """Growth per hour of a sampled value, pooled over the daemon's lives (each life its
-    own intercept): samples after ``skip_until`` and ``warm`` s into their life. 0 with
-    too few samples. ``samples``: (time, life, value)."""
+    own intercept): samples after ``skip_until`` and ``warm`` s into their life. None
+    without two such samples in one life. ``samples``: (time, life, value)."""
     lives: dict = {}
     for t, life, value in samples:
         if t >= skip_until and t >= life_starts.get(life, 0) + warm:
@@ -124,7 +125,7 @@ def slope(samples: list, skip_until: float, life_starts: dict, warm: float = 60)
         mv = sum(v for _, v in points) / len(points)
         num += sum((t - mt) * (v - mv) for t, v in points)
         den += sum((t - mt) ** 2 for t, _ in points)
-    return num / den * 3600 if den else 0.0
+    return num / den * 3600 if den else None
 
 
 def daemon_log_clean(world: World) -> None:
