@@ -147,6 +147,13 @@ while os.read(fd, 65536):
 """
 
 
+def sigint_default() -> None:
+    """In the child before exec: SIGINT's default action. A test run started in the
+    background by a shell without job control (``cmd &`` in a script) ignores SIGINT,
+    and children inherit the ignoring: SIGINT would then not end the readers."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_blocked_readers_die_within_a_second_of_a_signal(mounter, device, storage_dir, sig):
     """`snapfs watch`, cat and a Python reader blocked at the end of the events file,
@@ -158,7 +165,8 @@ def test_blocked_readers_die_within_a_second_of_a_signal(mounter, device, storag
     cmds = {"watch": [*snapfs_cli(), "watch", "-m", m.path, snap], "cat": ["cat", events],
             "python": [sys.executable, "-c", READER, events],
             "waitevent": [sys.executable, "-c", WAITER, m.path, f"snapshot_waitevent {snap} 60000"]}
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    preexec_fn=sigint_default)
              for name, cmd in cmds.items()}
     try:
         time.sleep(1.0)
@@ -198,6 +206,7 @@ def test_a_reader_that_inherited_the_events_file_dies_within_a_second(mounter, d
     m = mounter({"d0": device[0]})
     snap = m.snapshot(storage_dir, "64M", "d0")
     parent = subprocess.Popen([sys.executable, "-c", INHERITS, m.p("snapshots", snap, "events")],
+                              preexec_fn=sigint_default,
                               stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())
