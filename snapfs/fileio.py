@@ -9,7 +9,7 @@ it, in a worker thread. While a file's inline attempts mostly miss (``HitRate``)
 reads skip them. One exception for a miss: a device request that is alone
 (``workers.alone``: no other request ready or waiting in the kernel's queue, no AIO in
 flight), at most DIRECT_NOW_MAX bytes, page-aligned and of the daemon's own priority,
-reads with O_DIRECT on the trio thread (``workers.pread_direct_now``): it waits for the
+reads with O_DIRECT on the trio thread (``workers.pread_nowait``): it waits for the
 disk, but nobody waits for the thread meanwhile, and it saves the round through the
 loop that AIO costs. While such reads take DIRECT_STALL on average (a slow disk), the
 file's misses go back to AIO (``Stopwatch``).
@@ -138,7 +138,7 @@ class FileIO:
                 return data
         if self.direct_fd is not None and self.inline:
             if self._may_read_direct_now(offset, size, prio):
-                data = self.direct_reads.time(workers.pread_direct_now, self.direct_fd, size, offset)
+                data = self.direct_reads.time(workers.pread_nowait, self.direct_fd, size, offset)
                 if data is not None:
                     return data
             with workers.priority.waiting():

@@ -1,6 +1,6 @@
 """Blocking calls off the trio thread: one pool of worker threads for every blocking
 call of the daemon (data I/O that cannot run inline, opens, fsync, freeze, cache
-invalidation), the page-cache read that never waits (``pread_nowait``), the bulk slots
+invalidation), the read that never waits but for the disk (``pread_nowait``), the bulk slots
 that keep image reads behind the devices' own I/O, and the in-flight counters that let
 a destroy or a take wait for I/O. Where each data read and write runs is decided in
 ``fileio``.
@@ -91,47 +91,28 @@ _pool = Pool(THREADS)
 
 
 def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
-    """``size`` bytes at ``offset`` if the page cache holds them all, else None. Trio
-    thread only: it reads into one scratch buffer that stays allocated (a fresh 1 MiB
-    buffer costs an allocation and page faults on every call)."""
+    """``size`` bytes at ``offset`` read with ``RWF_NOWAIT``, or None where the kernel
+    would have to wait for anything but the disk itself, refuses, or reads short. On a
+    buffered descriptor: only what the page cache holds (all of it, or None). On an
+    O_DIRECT descriptor (``offset`` and ``size`` aligned to a page): the disk read, on
+    the calling thread, None where dirty pages of the range would first have to be
+    written back or no request slot is free. Trio thread only: it reads into one
+    page-aligned scratch buffer that stays allocated (a fresh 1 MiB buffer costs an
+    allocation and page faults on every call)."""
     global _scratch
     if len(_scratch) < size:
-        _scratch = memoryview(bytearray(size))
+        _scratch = memoryview(mmap.mmap(-1, size))
     buf = _scratch[:size]
     try:
         n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
             return None
         raise
     return bytes(buf) if n == size else None
 
 
-_scratch = memoryview(bytearray(0))
-
-
-def pread_direct_now(fd: int, size: int, offset: int) -> bytes | None:
-    """``size`` bytes at ``offset`` of the O_DIRECT descriptor ``fd``, read on the
-    calling thread (it waits for the disk), or None where the kernel would block before
-    the disk (``RWF_NOWAIT``: dirty pages of the range to write back first, no request
-    slot free), refuses, or reads short. Trio thread only: one page-aligned scratch
-    buffer, as ``pread_nowait``; ``offset`` and ``size`` aligned to a page."""
-    global _direct_scratch
-    if len(_direct_scratch) < size:
-        _direct_scratch = mmap.mmap(-1, size)
-    buf = memoryview(_direct_scratch)[:size]
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-        return bytes(buf) if n == size else None
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-    finally:
-        buf.release()
-
-
-_direct_scratch = mmap.mmap(-1, 4096)
+_scratch = memoryview(mmap.mmap(-1, 4096))
 
 
 def _never_alone() -> bool:

@@ -253,17 +253,18 @@ def lone(tmp_path, monkeypatch):
     r.io = FileIO(r.fd, r.pread, r.pwrite, direct)
     took: list[str] = []
     waits = [False]
-    real_now, real_aio = workers.pread_direct_now, aio.pread
+    real_now, real_aio = workers.pread_nowait, aio.pread
 
-    def now(*args):
-        took.append("now")
-        return real_now(*args)
+    def now(fd, *args):
+        if fd == direct:
+            took.append("now")
+        return real_now(fd, *args)
 
     async def via_aio(*args):
         took.append("aio")
         return await real_aio(*args)
 
-    monkeypatch.setattr(workers, "pread_direct_now", now)
+    monkeypatch.setattr(workers, "pread_nowait", now)
     monkeypatch.setattr(aio, "pread", via_aio)
     monkeypatch.setattr(workers, "_queue_waits", lambda: waits[0])
     monkeypatch.setattr(fileio.HitRate, "worth_trying", lambda self: False)
